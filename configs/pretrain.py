@@ -1,0 +1,117 @@
+"""Pretraining configs: `get_config(preset)` returns a full, locked ConfigDict.
+
+Presets: `tiny` (CPU, seconds), `radd_small` / `radd_medium` (RADD paper recipe, SPEC §3), and
+`llada_8b` (architecture only, SPEC §2.1; reused by later RL/import configs).
+Use: `--config=configs/pretrain.py:tiny --config.train.num_steps=50`.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = 'pretrain'
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  m.family = 'radd'  # 'radd': LayerNorm(+bias) + GELU-tanh MLP; 'llada': RMSNorm + SwiGLU
+  m.num_embeddings = 0  # rows of the embedding / output head incl. the mask row; 0 = tokenizer V + 1
+  m.mask_id = -1  # -1 = last row (RADD convention: mask id = V)
+  m.d_model = 768
+  m.n_layers = 12
+  m.n_heads = 12
+  m.mlp_dim = 3072
+  m.rope_base = 1e4
+  m.norm_eps = 1e-5
+  m.dropout = 0.0
+  m.param_dtype = 'float32'
+  m.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
+  m.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs) | 'dots_no_batch'
+
+  c.diffusion = d = ml_collections.ConfigDict()
+  d.loss = 'lambda_dce'  # 'lambda_dce' | 't_dce' | 't_dse' | 'k_dce'
+  d.schedule = 'loglinear'  # 'loglinear' | 'linear' | 'cosine'
+  d.eps = 1e-3  # log-linear schedule epsilon and t floor
+
+  c.data = dt = ml_collections.ConfigDict()
+  dt.corpus = 'builtin'  # 'builtin' (generated offline) | 'text_files' | 'tfds'
+  dt.text_files = ''  # comma-separated local paths/globs, one document per blank-line-separated block
+  dt.tfds_name = ''  # with corpus='tfds': a prepared tfds dataset with a 'text' feature
+  dt.tfds_data_dir = ''  # '' = <workdir>/tfds
+  dt.tokenizer = ''  # sentencepiece .model path; '' = train one on the corpus into <workdir>
+  dt.vocab_size = 50257  # pieces of a tokenizer trained here (real tokens V; mask is V)
+  dt.seq_len = 1024
+  dt.batch_size = 512  # global
+  dt.eval_batches = 4
+  dt.builtin_documents = 20000  # size of the generated default corpus
+
+  c.train = t = ml_collections.ConfigDict()
+  t.num_steps = 400_000
+  t.lr = 3e-4
+  t.warmup_steps = 2500
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.eps = 1e-8
+  t.weight_decay = 0.0
+  t.clip_norm = 1.0
+  t.ema_max_decay = 0.9999  # EMA decay min(max, (1+n)/(10+n)); 0 disables EMA
+  t.microbatches = 1  # gradient accumulation by lax.scan
+  t.log_every = 100
+  t.eval_every = 5000
+  t.checkpoint_every = 10000
+  t.keep_checkpoints = 3
+
+  c.sharding = s = ml_collections.ConfigDict()
+  s.data = 1
+  s.fsdp = -1  # -1 = all remaining devices
+  s.tensor = 1
+  # logical axis name -> mesh axes (None = replicated)
+  s.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('vocab', 'tensor'),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('mlp', 'tensor'),
+      ('layers', None),
+      ('norm', None),
+  )
+  return c
+
+
+def tiny(c):
+  c.model.update(d_model=64, n_layers=2, n_heads=4, mlp_dim=256, dropout=0.0)
+  c.data.update(vocab_size=256, seq_len=64, batch_size=16, eval_batches=2, builtin_documents=4000)
+  c.train.update(num_steps=200, lr=3e-3, warmup_steps=20, log_every=10, eval_every=100,
+                 checkpoint_every=100, ema_max_decay=0.999)
+  return c
+
+
+def radd_small(c):
+  c.model.update(num_embeddings=50258, mask_id=50257, d_model=768, n_layers=12, n_heads=12,
+                 mlp_dim=3072, dropout=0.02)
+  return c
+
+
+def radd_medium(c):
+  radd_small(c)
+  c.model.update(d_model=1024, n_layers=24, n_heads=16, mlp_dim=4096)
+  return c
+
+
+def llada_8b(c):
+  c.model.update(family='llada', num_embeddings=126464, mask_id=126336, d_model=4096,
+                 n_layers=32, n_heads=32, mlp_dim=12288, rope_base=500000.0, dropout=0.0,
+                 dtype='bfloat16', remat='full')
+  c.data.update(vocab_size=126464, seq_len=4096)
+  return c
+
+
+PRESETS = {'tiny': tiny, 'radd_small': radd_small, 'radd_medium': radd_medium,
+           'llada_8b': llada_8b}
+
+
+def get_config(preset: str = 'radd_small') -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
+  c = PRESETS[preset](base_config())
+  c.lock()
+  return c

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='dlm',
+    version='0.1.0',
+    description='JAX/Flax framework for masked diffusion language models: RADD pretraining, '
+                'fast samplers and BGPO reinforcement learning.',
+    python_requires='>=3.10',
+    packages=find_packages(include=['dlm', 'dlm.*', 'configs']),
+    install_requires=[
+        'jax==0.10.2',
+        'jaxlib==0.10.2',
+        'flax==0.12.8',
+        'optax==0.2.8',
+        'orbax-checkpoint==0.12.8',
+        'grain==0.2.18',
+        'tensorflow-datasets==4.9.10',
+        'array-record==0.8.6',
+        'ml-collections==1.1.0',
+        'sentencepiece==0.2.3',
+        'etils[epath]==1.15.0',
+        'absl-py==2.5.1',
+        'numpy==2.4.6',
+        'matplotlib==3.11.2',
+        'tensorboardX==2.6.5',
+    ],
+    extras_require={'test': ['pytest==9.0.3']},
+)
