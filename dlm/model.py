@@ -1,6 +1,74 @@
-"""The time-free bidirectional transformer (RADD / LLaDA families) in Flax NNX."""
+"""The time-free bidirectional transformer of RADD / LLaDA (SPEC §2, §7) in Flax NNX.
+
+No time input and no causal mask: the network maps a partially masked sequence to
+log q(x_i | unmasked tokens) at every position. Parameter layouts follow the outside checkpoints
+(SPEC §7) up to reshapes, so importers map names, not math. Every parameter carries logical axis
+names (`out_sharding` metadata) that `dlm.sharding` maps onto the mesh.
+"""
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+FAMILIES = ('radd', 'llada')
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+nnx.use_eager_sharding(False)  # shardings are applied explicitly by dlm.sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static model hyperparameters (hashable, so jit can close over them)."""
+  num_embeddings: int  # rows of embedding and output head, mask row included
+  mask_id: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  mlp_dim: int
+  family: str = 'radd'
+  rope_base: float = 1e4
+  norm_eps: float = 1e-5
+  dropout: float = 0.0
+  param_dtype: str = 'float32'
+  dtype: str = 'float32'
+  remat: str = 'none'
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f'model.family={self.family!r}; valid: {FAMILIES}')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat={self.remat!r}; valid: {tuple(REMAT_POLICIES)}')
+    for k in ('param_dtype', 'dtype'):
+      if getattr(self, k) not in DTYPES:
+        raise ValueError(f'model.{k}={getattr(self, k)!r}; valid: {tuple(DTYPES)}')
+    if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+      raise ValueError(f'model.d_model={self.d_model} must split into {self.n_heads} heads of '
+                       'even size (RoPE rotates half-heads)')
+    if not 0 <= self.mask_id < self.num_embeddings:
+      raise ValueError(f'model.mask_id={self.mask_id} outside [0, {self.num_embeddings})')
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+
+def config_from(model_cfg, num_embeddings: int | None = None) -> ModelConfig:
+  """ModelConfig from the `model` ConfigDict; num_embeddings=0 there is filled in by the caller."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  kw = {k: v for k, v in model_cfg.items() if k in fields}
+  if num_embeddings is not None and not kw.get('num_embeddings'):
+    kw['num_embeddings'] = num_embeddings
+  if kw.get('mask_id', -1) < 0:
+    kw['mask_id'] = kw['num_embeddings'] - 1
+  return ModelConfig(**kw)
 
 
 def real_log_softmax(logits_BxLxV: jax.Array, mask_id: int) -> jax.Array:
@@ -13,3 +81,167 @@ def real_log_softmax(logits_BxLxV: jax.Array, mask_id: int) -> jax.Array:
   is_mask = jnp.arange(logits.shape[-1]) == mask_id
   logits = jnp.where(is_mask, -jnp.inf, logits)
   return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _param(rngs, init, shape, names, dtype):
+  return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
+
+
+def _dense_init(fan_in):
+  return nnx.initializers.normal(stddev=fan_in ** -0.5)
+
+
+def rope(x_BxLxNxH: jax.Array, base: float) -> jax.Array:
+  """Rotate-half rotary embedding over the whole head, positions 0..L-1 (NeoX / LLaDA)."""
+  L, H = x_BxLxNxH.shape[1], x_BxLxNxH.shape[-1]
+  inv_freq = base ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+  ang_LxH2 = jnp.arange(L, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  cos = jnp.concatenate([jnp.cos(ang_LxH2)] * 2, -1)[None, :, None, :]
+  sin = jnp.concatenate([jnp.sin(ang_LxH2)] * 2, -1)[None, :, None, :]
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxLxNxH.dtype)
+
+
+class Norm(nnx.Module):
+  """RADD: non-affine LayerNorm then x·w + b; LLaDA: RMSNorm with weight."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, bias_init=nnx.initializers.zeros):
+    pd = DTYPES[cfg.param_dtype]
+    self.cfg = cfg
+    self.weight = _param(rngs, nnx.initializers.ones, (cfg.d_model,), ('norm',), pd)
+    self.bias = (_param(rngs, bias_init, (cfg.d_model,), ('norm',), pd)
+                 if cfg.family == 'radd' else None)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    if self.bias is None:
+      y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.cfg.norm_eps)
+      y = y * self.weight[...]
+    else:
+      mu = jnp.mean(x32, -1, keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mu), -1, keepdims=True)
+      y = (x32 - mu) * jax.lax.rsqrt(var + self.cfg.norm_eps)
+      y = y * self.weight[...] + self.bias[...]
+    return y.astype(DTYPES[self.cfg.dtype])
+
+
+class Attention(nnx.Module):
+  """Bidirectional multi-head attention with RoPE on q and k (v unrotated), no biases."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd, d, n, h = DTYPES[cfg.param_dtype], cfg.d_model, cfg.n_heads, cfg.head_dim
+    self.cfg = cfg
+    # RADD attn_qkv [3d, d] (rows q|k|v, head, head-dim) and LLaDA q/k/v_proj both map here.
+    self.qkv = _param(rngs, _dense_init(d), (d, 3, n, h), ('embed', None, 'heads', None), pd)
+    self.out = _param(rngs, _dense_init(d), (n, h, d), ('heads', None, 'embed'), pd)
+
+  def __call__(self, x_BxLxD, key_mask_BxL):
+    dt = DTYPES[self.cfg.dtype]
+    qkv = jnp.einsum('bld,dtnh->tblnh', x_BxLxD, self.qkv[...].astype(dt))
+    q, k, v = rope(qkv[0], self.cfg.rope_base), rope(qkv[1], self.cfg.rope_base), qkv[2]
+    mask = None if key_mask_BxL is None else key_mask_BxL[:, None, None, :]
+    o_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return jnp.einsum('blnh,nhd->bld', o_BxLxNxH, self.out[...].astype(dt))
+
+
+class Mlp(nnx.Module):
+  """RADD: Linear(+b) → GELU-tanh → Linear(+b); LLaDA: SwiGLU (silu(gate)·up → down)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd, d, f = DTYPES[cfg.param_dtype], cfg.d_model, cfg.mlp_dim
+    self.cfg = cfg
+    self.w_in = _param(rngs, _dense_init(d), (d, f), ('embed', 'mlp'), pd)
+    self.w_out = _param(rngs, _dense_init(f), (f, d), ('mlp', 'embed'), pd)
+    if cfg.family == 'radd':
+      self.b_in = _param(rngs, nnx.initializers.zeros, (f,), ('mlp',), pd)
+      self.b_out = _param(rngs, nnx.initializers.zeros, (d,), ('norm',), pd)
+      self.w_up = None
+    else:
+      self.w_up = _param(rngs, _dense_init(d), (d, f), ('embed', 'mlp'), pd)
+
+  def __call__(self, x_BxLxD):
+    dt = DTYPES[self.cfg.dtype]
+    h = x_BxLxD @ self.w_in[...].astype(dt)
+    if self.w_up is None:
+      h = jax.nn.gelu(h + self.b_in[...].astype(dt), approximate=True)
+      return h @ self.w_out[...].astype(dt) + self.b_out[...].astype(dt)
+    h = jax.nn.silu(h) * (x_BxLxD @ self.w_up[...].astype(dt))
+    return h @ self.w_out[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block; dropout on both residual branches (RADD: 0.02)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    # The released RADD recipe initialises the LayerNorm bias to ones (SPEC §2.1).
+    bias_init = nnx.initializers.ones if cfg.family == 'radd' else nnx.initializers.zeros
+    self.cfg = cfg
+    self.norm1 = Norm(cfg, rngs, bias_init)
+    self.attn = Attention(cfg, rngs)
+    self.norm2 = Norm(cfg, rngs, bias_init)
+    self.mlp = Mlp(cfg, rngs)
+
+  def __call__(self, x_BxLxD, key_mask_BxL, dropout_key):
+    k1, k2 = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    x_BxLxD = x_BxLxD + self._drop(self.attn(self.norm1(x_BxLxD), key_mask_BxL), k1)
+    return x_BxLxD + self._drop(self.mlp(self.norm2(x_BxLxD)), k2)
+
+  def _drop(self, y, key):
+    p = self.cfg.dropout
+    if p == 0.0 or key is None:
+      return y
+    keep = jax.random.bernoulli(key, 1.0 - p, y.shape)
+    return jnp.where(keep, y / (1.0 - p), 0).astype(y.dtype)
+
+
+class Transformer(nnx.Module):
+  """tokens [B, L] → log-probs [B, L, num_embeddings] (mask column = -inf). No time input."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd, d, V = DTYPES[cfg.param_dtype], cfg.d_model, cfg.num_embeddings
+    self.cfg = cfg
+    self.embed = _param(rngs, nnx.initializers.normal(stddev=d ** -0.5), (V, d),
+                        ('vocab', 'embed'), pd)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.norm_final = Norm(cfg, rngs)
+    # RADD zero-initialises the output layer: at init every real token has prob 1/V.
+    head_init = nnx.initializers.zeros if cfg.family == 'radd' else _dense_init(d)
+    self.head = _param(rngs, head_init, (d, V), ('embed', 'vocab'), pd)
+    self.head_bias = (_param(rngs, nnx.initializers.zeros, (V,), ('vocab',), pd)
+                      if cfg.family == 'radd' else None)
+
+  def __call__(self, tokens_BxL, *, key_mask_BxL=None, dropout_key=None):
+    """key_mask_BxL: False on padding keys (e.g. left-padded prompts); None = attend to all."""
+    cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+    x = self.embed[...].astype(dt)[tokens_BxL]
+    train = dropout_key is not None and cfg.dropout > 0
+    keys = (jax.random.split(dropout_key, cfg.n_layers) if train
+            else jnp.zeros((cfg.n_layers, 2), jnp.uint32))
+    gdef, layers = nnx.split(self.blocks)
+
+    def layer(x, inputs):
+      params, key = inputs
+      return nnx.merge(gdef, params)(x, key_mask_BxL, key if train else None), None
+
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.remat != 'none':
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+    x, _ = jax.lax.scan(layer, x, (layers, keys))
+    logits = self.norm_final(x) @ self.head[...].astype(dt)
+    if self.head_bias is not None:
+      logits = logits + self.head_bias[...].astype(dt)
+    return real_log_softmax(logits, cfg.mask_id)
+
+
+def count_params(cfg: ModelConfig) -> int:
+  """Parameter count from shapes alone (jax.eval_shape: nothing is allocated)."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
