@@ -1,0 +1,67 @@
+"""metrics.jsonl + TensorBoard, and the FLOP counts behind throughput and MFU."""
+import json
+import os
+from typing import Mapping
+
+import jax
+from etils import epath
+
+# Dense bf16 peak FLOP/s per chip, for the MFU in the default logs (None: unknown, e.g. CPU).
+PEAK_FLOPS = {'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+              'TPU v6 lite': 918e12, 'TPU v6e': 918e12, 'NVIDIA H100': 989e12,
+              'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12}
+
+
+def peak_flops_per_device() -> float | None:
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+def train_flops_per_token(n_params_matmul: int, n_layers: int, d_model: int, seq_len: int) -> float:
+  """Model FLOPs of forward+backward per token: 6N for the weight matmuls plus the attention
+  scores and mixing (2·2·L·d per layer forward, ×3 with backward). N excludes the embedding
+  lookup (a gather), includes the output head."""
+  return 6.0 * n_params_matmul + 12.0 * n_layers * d_model * seq_len
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step; process 0 writes, others are silent."""
+
+  def __init__(self, workdir: str, start_step: int):
+    self.active = jax.process_index() == 0
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    self.tb = None
+    if not self.active:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._truncate_after(start_step)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.tb = SummaryWriter(os.fspath(epath.Path(workdir) / 'tensorboard'))
+
+  def _truncate_after(self, step: int):
+    """On resume from `step`, drop lines a killed run logged past its last checkpoint, so the
+    file reads as one uninterrupted run (a fresh start, step 0, drops everything)."""
+    if not self.path.exists():
+      return
+    keep = [ln for ln in self.path.read_text().splitlines()
+            if ln.strip() and step > 0 and json.loads(ln)['step'] <= step]
+    self.path.write_text(''.join(ln + '\n' for ln in keep))
+
+  def write(self, step: int, metrics: Mapping[str, float]):
+    if not self.active:
+      return
+    row = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
+    with self.path.open('a') as f:
+      f.write(json.dumps(row) + '\n')
+    for k, v in row.items():
+      if k != 'step':
+        self.tb.add_scalar(k, v, step)
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
