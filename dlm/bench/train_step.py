@@ -1,0 +1,102 @@
+"""MFU of a full pretraining step: model FLOP/s ÷ f32 matmul FLOP/s measured in the same run.
+
+`python -m dlm.bench.train_step [--preset=bench20m|radd_small] [--dtype=float32|bfloat16]`
+Prints a table and, last, one JSON line. On CPU the denominator is this machine's own dense
+matmul rate (no vendor peak exists); on GPU/TPU the vendor bf16 peak is reported beside it.
+"""
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import ConfigDict
+
+from configs import pretrain
+from dlm import metrics as metrics_lib
+from dlm import model as model_lib
+from dlm import sharding
+from dlm import train as train_lib
+from dlm import trainer as trainer_lib
+
+_PRESET = flags.DEFINE_string('preset', 'bench20m', 'bench20m (CPU) or radd_small (accelerator)')
+_DTYPE = flags.DEFINE_string('dtype', 'float32', 'compute dtype')
+_BATCH = flags.DEFINE_integer('batch', 8, 'sequences per step')
+_SEQ = flags.DEFINE_integer('seq_len', 256, 'sequence length')
+_STEPS = flags.DEFINE_integer('steps', 5, 'timed steps (after one warm-up)')
+
+
+def bench_config(preset: str) -> ConfigDict:
+  c = pretrain.get_config('radd_small')
+  c.model.dropout = 0.0
+  if preset == 'bench20m':  # ~20M params: d 384, 8 layers, vocab 8192+1
+    c.model.update(num_embeddings=8193, mask_id=8192, d_model=384, n_layers=8, n_heads=6,
+                   mlp_dim=1536)
+  elif preset != 'radd_small':
+    raise ValueError(f'unknown preset {preset!r}')
+  return c
+
+
+def _time(fn, *args, n: int) -> float:
+  jax.block_until_ready(fn(*args))
+  best = math.inf
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def matmul_flops(dtype, n: int = 2048) -> float:
+  """Best sustained dense matmul FLOP/s of one device (the roofline a train step can reach)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  return 2 * n ** 3 / _time(f, a, b, n=5)
+
+
+def main(argv):
+  del argv
+  c = bench_config(_PRESET.value)
+  c.model.dtype = _DTYPE.value
+  c.data.update(batch_size=_BATCH.value, seq_len=_SEQ.value)
+  mcfg = model_lib.config_from(c.model)
+  dev = jax.devices()[:1]
+  mesh = sharding.make_mesh(ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}), dev)
+  trainer = trainer_lib.Trainer(mcfg, c.train, mesh, c.sharding.rules, seed=0)
+  state = trainer.init_state()
+  shard = sharding.batch_sharding(mesh, c.sharding.rules)
+  step = trainer.compile_step(train_lib.pretrain_loss(c.diffusion, mcfg.mask_id), shard)
+  tokens = jax.device_put(jax.random.randint(jax.random.key(0), (_BATCH.value, _SEQ.value), 0,
+                                             mcfg.mask_id), shard)
+  state, _ = step(state, tokens)  # compile + warm-up
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(_STEPS.value):
+    t = time.perf_counter()
+    state, m = step(state, tokens)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  step_s = sorted(times)[len(times) // 2]
+  n_params = model_lib.count_params(mcfg)
+  n_matmul = n_params - mcfg.num_embeddings * mcfg.d_model  # embedding lookup is a gather
+  flops = metrics_lib.train_flops_per_token(n_matmul, mcfg.n_layers, mcfg.d_model,
+                                            _SEQ.value) * _BATCH.value * _SEQ.value
+  mm = matmul_flops(jnp.dtype(_DTYPE.value))
+  model_fps = flops / step_s
+  peak = metrics_lib.peak_flops_per_device()
+  out = {'preset': _PRESET.value, 'dtype': _DTYPE.value, 'device': dev[0].device_kind,
+         'params': n_params, 'batch': _BATCH.value, 'seq_len': _SEQ.value,
+         'step_seconds': step_s, 'model_flops_per_step': flops, 'model_flops_per_sec': model_fps,
+         'matmul_flops_per_sec': mm, 'mfu': model_fps / mm,
+         'mfu_vs_vendor_peak': model_fps / peak if peak else None,
+         'tokens_per_sec': _BATCH.value * _SEQ.value / step_s}
+  print(f'{"quantity":28s} value')
+  for k, v in out.items():
+    print(f'{k:28s} {v:,.4g}' if isinstance(v, float) else f'{k:28s} {v}')
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,133 @@
+"""The one training-state machinery shared by pretraining, SFT and RL.
+
+Pure functional core: the model is split once into (graphdef, params); a jitted
+`step(state, batch) -> (state, metrics)` with explicit shardings and donated state does
+micro-batched gradient accumulation (`lax.scan`), AdamW with warm-up and global-norm clipping,
+and the EMA of SPEC §3. Randomness is `fold_in(base_key, step)`, so a resumed run replays
+exactly the keys of an uninterrupted one.
+"""
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dlm import model as model_lib
+from dlm import sharding
+
+# loss_fn(model, batch, key) -> (objective, sums): the objective is differentiated; `sums` are
+# per-micro-batch sums of logged quantities (e.g. loss and token counts), added across micro-batches.
+LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema: Any
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+  """AdamW, linear warm-up then constant lr, global-norm clipping (SPEC §3 recipe)."""
+  warmup = max(int(tc.warmup_steps), 1)
+  schedule = lambda s: tc.lr * jnp.minimum(1.0, (s + 1) / warmup)
+  parts = [optax.clip_by_global_norm(tc.clip_norm)] if tc.clip_norm > 0 else []
+  parts.append(optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                           weight_decay=tc.weight_decay))
+  return optax.chain(*parts)
+
+
+def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
+  n = step.astype(jnp.float32)
+  return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+class Trainer:
+  """Holds the static pieces (graphdef, optimizer, shardings) of one model on one mesh."""
+
+  def __init__(self, mcfg: model_lib.ModelConfig, train_cfg, mesh, rules, seed: int):
+    self.mcfg, self.tc, self.mesh, self.rules = mcfg, train_cfg, mesh, rules
+    self.base_key = jax.random.key_data(jax.random.key(seed))
+    self.optimizer = make_optimizer(train_cfg)
+    self.use_ema = train_cfg.ema_max_decay > 0
+    abstract = nnx.eval_shape(lambda: model_lib.Transformer(mcfg, nnx.Rngs(0)))
+    self.graphdef, abstract_params = nnx.split(abstract)
+    self.param_shardings = nnx.to_pure_dict(
+        sharding.param_shardings(abstract_params, rules, mesh))
+    abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
+    self.state_shardings = self._state_shardings(abstract_state)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state, self.state_shardings)
+
+  def _init(self, key_data) -> TrainState:
+    rngs = nnx.Rngs(jax.random.wrap_key_data(key_data))
+    params = nnx.to_pure_dict(nnx.state(model_lib.Transformer(self.mcfg, rngs)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params),
+                      ema=params if self.use_ema else None)
+
+  def _state_shardings(self, abstract_state: TrainState) -> TrainState:
+    """Optimizer moments shard like their parameters; scalars are replicated."""
+    rep = sharding.replicated(self.mesh)
+    p_struct = jax.tree.structure(self.param_shardings)
+
+    def opt_shardings(node):
+      if jax.tree.structure(node) == p_struct:
+        return self.param_shardings
+      return jax.tree.map(lambda _: rep, node)
+
+    opt = jax.tree.map(opt_shardings, abstract_state.opt_state,
+                       is_leaf=lambda n: jax.tree.structure(n) == p_struct)
+    return TrainState(step=rep, params=self.param_shardings, opt_state=opt,
+                      ema=self.param_shardings if self.use_ema else None)
+
+  def init_state(self) -> TrainState:
+    """Parameters are created directly in their shards (no host holds the full model)."""
+    init = jax.jit(self._init, out_shardings=self.state_shardings)
+    return init(self.base_key)
+
+  def model(self, params) -> nnx.Module:
+    return nnx.merge(self.graphdef, params)
+
+  def compile_step(self, loss_fn: LossFn, batch_shardings: Any):
+    """Jitted `step(state, batch) -> (state, metrics)`: micro-batched grads via lax.scan."""
+    m = int(self.tc.microbatches)
+    grad_fn = jax.value_and_grad(
+        lambda p, b, k: loss_fn(self.model(p), b, k), has_aux=True)
+
+    def split_micro(x):  # strided rows: every micro-batch keeps every shard's share
+      return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+
+    def step(state: TrainState, batch):
+      key = jax.random.fold_in(jax.random.wrap_key_data(self.base_key), state.step)
+      micro = jax.tree.map(split_micro, batch)
+
+      def accumulate(carry, xs):
+        i, mb = xs
+        mb = jax.lax.with_sharding_constraint(mb, batch_shardings)
+        (obj, sums), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
+        g_acc, s_acc = carry
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, sums)), obj
+
+      zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+      (_, sums0), _ = jax.eval_shape(grad_fn, state.params,
+                                     jax.tree.map(lambda x: x[0], micro), key)
+      zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0)
+      (grads, sums), objs = jax.lax.scan(accumulate, (zeros_g, zeros_s), (jnp.arange(m), micro))
+      grads = jax.tree.map(lambda g: g / m, grads)
+      updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      ema = state.ema
+      if self.use_ema:
+        d = ema_decay(state.step, self.tc.ema_max_decay)
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
+      metrics = {'objective': objs.mean(), 'grad_norm': optax.global_norm(grads), **sums}
+      return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+    return jax.jit(step, in_shardings=(self.state_shardings, batch_shardings),
+                   out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                   donate_argnums=0)
