@@ -2,6 +2,7 @@
 
 Re-running with the same workdir resumes from its latest checkpoint.
 """
+import importlib.util
 import os
 import sys
 
@@ -33,13 +34,48 @@ def main(argv):
   cfg = _CONFIG.value
   if cfg.mode not in MODES:
     raise app.UsageError(f'config.mode={cfg.mode!r}; valid: {MODES}')
-  from dlm import train  # pylint: disable=g-import-not-at-top
+  from dlm import checkpoint, train  # pylint: disable=g-import-not-at-top
   try:
     train.run(cfg, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+  except (ValueError, FileNotFoundError, train.NonFiniteLossError,
+          checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 
 
+def check_overrides(argv: list[str]) -> str | None:
+  """A message naming the bad key and the valid ones, for an unknown `--config.<key>` override.
+
+  ml_collections would raise a bare AttributeError from inside flag parsing; this reads the same
+  config file first so the user gets an actionable message instead.
+  """
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  keys = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
+  if not spec or not keys:
+    return None
+  path, _, preset = spec.partition(':')
+  if not os.path.isfile(path):
+    return f'config file not found: {path}'
+  module_spec = importlib.util.spec_from_file_location('_dlm_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  try:
+    cfg = module.get_config(preset) if preset else module.get_config()
+  except ValueError as e:
+    return str(e)
+  for key in keys:
+    node, walked = cfg, 'config'
+    for part in key.split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        valid = sorted(node.keys()) if hasattr(node, 'keys') else []
+        return (f'unknown config key {walked}.{part} (from --config.{key}); valid keys under '
+                f'{walked}: {", ".join(valid) or "none: it is a value"}')
+      node, walked = node[part], f'{walked}.{part}'
+  return None
+
+
 if __name__ == '__main__':
+  if (problem := check_overrides(sys.argv[1:])):
+    print(f'error: {problem}', file=sys.stderr)
+    sys.exit(2)
   app.run(main)

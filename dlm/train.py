@@ -103,7 +103,11 @@ def run(cfg, workdir: str, devices=None) -> dict:
     state, data_state, saved = ckpt.restore(start, trainer.abstract_state)
     if _as_json(saved['model']) != _as_json(cfg.model.to_dict()):
       raise ValueError(f'{workdir} holds a run with a different model config: {saved["model"]}')
-    data_lib.restore_iterator(it, data_state)
+    states = json.loads(data_state)
+    if len(states) != jax.process_count():
+      raise ValueError(f'checkpoint {start} was written by {len(states)} processes; the data '
+                       f'position cannot be split over {jax.process_count()}')
+    data_lib.restore_iterator(it, states[jax.process_index()])
     _log(f'resumed from step {start} in {ckpt.directory}')
   else:
     state = trainer.init_state()
@@ -155,12 +159,26 @@ def run(cfg, workdir: str, devices=None) -> dict:
       _log(f'step {s} | eval loss {ev:.4f}')
     if s % t.checkpoint_every == 0 or s == t.num_steps:
       drain()  # never write a checkpoint whose step produced a non-finite loss
-      ckpt.save(s, state, data_lib.iterator_state(it), cfg.to_dict())
+      ckpt.save(s, state, json.dumps(all_iterator_states(it)), cfg.to_dict())
   drain()
   ckpt.wait()
   ckpt.close()
   writer.close()
   return last
+
+
+def all_iterator_states(it) -> list[str]:
+  """Every process's data position (each reads its own documents), gathered for one file."""
+  mine = data_lib.iterator_state(it)
+  if jax.process_count() == 1:
+    return [mine]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.frombuffer(mine.encode(), np.uint8)
+  n = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+  padded = np.zeros(n, np.uint8)
+  padded[:raw.size] = raw
+  rows = multihost_utils.process_allgather(padded)
+  return [bytes(r).rstrip(b'\0').decode() for r in np.asarray(rows).reshape(-1, n)]
 
 
 def _as_json(x):
