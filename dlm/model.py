@@ -245,3 +245,70 @@ def count_params(cfg: ModelConfig) -> int:
   """Parameter count from shapes alone (jax.eval_shape: nothing is allocated)."""
   abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+# ------------------------------------------------------------------------------------------------
+# KV cache for samplers (Fast-dLLM prefix / dual cache): additive, same parameters as __call__.
+
+
+def rope_at(x_BxWxNxH: jax.Array, pos_W: jax.Array, base: float) -> jax.Array:
+  """`rope` at explicit positions, for a window that does not start at 0 (same arithmetic)."""
+  H = x_BxWxNxH.shape[-1]
+  inv_freq = base ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+  ang_WxH2 = pos_W.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  cos = jnp.concatenate([jnp.cos(ang_WxH2)] * 2, -1)[None, :, None, :]
+  sin = jnp.concatenate([jnp.sin(ang_WxH2)] * 2, -1)[None, :, None, :]
+  x = x_BxWxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxWxNxH.dtype)
+
+
+def _block_window(block: Block, x_BxWxD, start, kv, key_mask_BxL):
+  """One block on the window [start, start+W); keys outside it come from `kv` (None: W is all).
+
+  Returns the block output and the window's fresh k, v (what a cache stores for this layer).
+  """
+  attn, dt = block.attn, DTYPES[block.cfg.dtype]
+  qkv = jnp.einsum('bld,dtnh->tblnh', block.norm1(x_BxWxD), attn.qkv[...].astype(dt))
+  pos_W = start + jnp.arange(x_BxWxD.shape[1])
+  base = block.cfg.rope_base
+  q, k, v = rope_at(qkv[0], pos_W, base), rope_at(qkv[1], pos_W, base), qkv[2]
+  k_all, v_all = k, v
+  if kv is not None:
+    k_all = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=1)
+  mask = None if key_mask_BxL is None else key_mask_BxL[:, None, None, :]
+  o_BxWxNxH = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask)
+  x_BxWxD = x_BxWxD + jnp.einsum('blnh,nhd->bld', o_BxWxNxH, attn.out[...].astype(dt))
+  return x_BxWxD + block.mlp(block.norm2(x_BxWxD)), (k, v)
+
+
+def _forward_window(model: Transformer, tokens_BxW, start, kv, key_mask_BxL):
+  cfg, dt = model.cfg, DTYPES[model.cfg.dtype]
+  x = model.embed[...].astype(dt)[tokens_BxW]
+  gdef, layers = nnx.split(model.blocks)
+
+  def layer(x, inputs):
+    params, kv_l = inputs
+    return _block_window(nnx.merge(gdef, params), x, start, kv_l, key_mask_BxL)
+
+  x, new_kv = jax.lax.scan(layer, x, (layers, kv))
+  logits = model.norm_final(x) @ model.head[...].astype(dt)
+  if model.head_bias is not None:
+    logits = logits + model.head_bias[...].astype(dt)
+  return real_log_softmax(logits, cfg.mask_id), new_kv
+
+
+def encode_kv(model: Transformer, tokens_BxL, *, key_mask_BxL=None):
+  """Full forward that also returns every layer's k and v: (logp_BxLxV, (k, v)), k/v shaped
+  [n_layers, B, L, n_heads, head_dim]. The same numbers as `model(tokens_BxL)` up to rounding."""
+  return _forward_window(model, tokens_BxL, 0, None, key_mask_BxL)
+
+
+def decode_window(model: Transformer, kv, tokens_BxW, start, *, key_mask_BxL=None):
+  """log-probs of the window [start, start+W) only: its queries attend to fresh k/v inside the
+  window and to the cached `kv` (from `encode_kv`) everywhere else. Exact when the tokens outside
+  the window are those `kv` was computed on and the window's own tokens did not change; an
+  approximation (Fast-dLLM) when they did. `start` may be traced; W and L are static."""
+  return _forward_window(model, tokens_BxW, start, kv, key_mask_BxL)[0]
