@@ -44,7 +44,8 @@ def validate(cfg) -> None:
 def pretrain_loss(dcfg, mask_id: int):
   """loss_fn for Trainer.compile_step: objective = batch mean of per-sequence losses (SPEC §3)."""
 
-  def loss_fn(model, tokens_BxL, key):
+  def loss_fn(model, tokens_BxL, key, sample_index=0):
+    del sample_index  # one Monte Carlo draw per sequence per step
     k_drop, k_noise = jax.random.split(key)
     apply = lambda xt_BxL: model(xt_BxL, dropout_key=k_drop)
     loss_B, ntok_B = diffusion.diffusion_loss(

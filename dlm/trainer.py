@@ -17,9 +17,10 @@ from flax import nnx
 from dlm import model as model_lib
 from dlm import sharding
 
-# loss_fn(model, batch, key) -> (objective, sums): the objective is differentiated; `sums` are
-# per-micro-batch sums of logged quantities (e.g. loss and token counts), added across micro-batches.
-LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# loss_fn(model, batch, key, sample_index) -> (objective, sums): the objective is differentiated;
+# `sums` are sums of logged quantities (e.g. loss and token counts), added over all scan chunks.
+LossFn = Callable[[nnx.Module, Any, jax.Array, jax.Array],
+                  tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @flax.struct.dataclass
@@ -93,39 +94,52 @@ class Trainer:
   def model(self, params) -> nnx.Module:
     return nnx.merge(self.graphdef, params)
 
-  def compile_step(self, loss_fn: LossFn, batch_shardings: Any):
-    """Jitted `step(state, batch) -> (state, metrics)`: micro-batched grads via lax.scan."""
-    m = int(self.tc.microbatches)
+  def compile_step(self, loss_fn: LossFn, batch_shardings: Any, num_samples: int = 1):
+    """Jitted `step(state, batch) -> (state, metrics)`.
+
+    The gradient is the mean over micro-batches × Monte Carlo samples of ∇loss_fn, accumulated
+    by nested `lax.scan`s: one (micro-batch, sample) graph is alive at a time, so peak memory
+    does not grow with either count. loss_fn(model, micro_batch, key, sample_index) gets the same
+    key for every sample of a micro-batch and derives per-sample randomness from sample_index.
+    """
+    m, n = int(self.tc.microbatches), int(num_samples)
     grad_fn = jax.value_and_grad(
-        lambda p, b, k: loss_fn(self.model(p), b, k), has_aux=True)
+        lambda p, b, k, j: loss_fn(self.model(p), b, k, j), has_aux=True)
 
     def split_micro(x):  # strided rows: every micro-batch keeps every shard's share
       return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+
+    def add(a, b):
+      return jax.tree.map(jnp.add, a, b)
 
     def step(state: TrainState, batch):
       key = jax.random.fold_in(jax.random.wrap_key_data(self.base_key), state.step)
       micro = jax.tree.map(split_micro, batch)
 
-      def accumulate(carry, xs):
+      def per_micro(carry, xs):
         i, mb = xs
         mb = jax.lax.with_sharding_constraint(mb, batch_shardings)
-        (obj, sums), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
-        g_acc, s_acc = carry
-        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, sums)), obj
+        k = jax.random.fold_in(key, i)
+
+        def per_sample(carry, j):
+          (obj, sums), g = grad_fn(state.params, mb, k, j)
+          return add(carry, (g, sums)), obj
+
+        return jax.lax.scan(per_sample, carry, jnp.arange(n))
 
       zeros_g = jax.tree.map(jnp.zeros_like, state.params)
       (_, sums0), _ = jax.eval_shape(grad_fn, state.params,
-                                     jax.tree.map(lambda x: x[0], micro), key)
+                                     jax.tree.map(lambda x: x[0], micro), key, 0)
       zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0)
-      (grads, sums), objs = jax.lax.scan(accumulate, (zeros_g, zeros_s), (jnp.arange(m), micro))
-      grads = jax.tree.map(lambda g: g / m, grads)
+      (grads, sums), objs = jax.lax.scan(per_micro, (zeros_g, zeros_s), (jnp.arange(m), micro))
+      grads = jax.tree.map(lambda g: g / (m * n), grads)
       updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       ema = state.ema
       if self.use_ema:
         d = ema_decay(state.step, self.tc.ema_max_decay)
         ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
-      metrics = {'objective': objs.mean(), 'grad_norm': optax.global_norm(grads), **sums}
+      metrics = {'objective': objs.mean(), 'grad_norm': optax.tree.norm(grads), **sums}
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
     return jax.jit(step, in_shardings=(self.state_shardings, batch_shardings),

@@ -89,8 +89,8 @@ def test_non_finite_loss_stops_without_touching_good_checkpoints(tmp_path, monke
   def poisoned(dcfg, mask_id):
     f = original(dcfg, mask_id)
 
-    def loss_fn(model, tokens, key):
-      obj, sums = f(model, tokens, key)
+    def loss_fn(model, tokens, key, j):
+      obj, sums = f(model, tokens, key, j)
       return obj * jnp.nan, {**sums, 'loss_sum': sums['loss_sum'] * jnp.nan}
     return loss_fn
 
