@@ -68,6 +68,11 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
 
+def batch_shardings(tree: Any, mesh: Mesh, rules) -> Any:
+  """batch_sharding for every leaf of a batch pytree (each leaf's axis 0 is the batch)."""
+  return jax.tree.map(lambda x: batch_sharding(mesh, rules, len(np.shape(x))), tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -94,14 +94,12 @@ class Trainer:
   def model(self, params) -> nnx.Module:
     return nnx.merge(self.graphdef, params)
 
-  def compile_step(self, loss_fn: LossFn, batch_shardings: Any, num_samples: int = 1):
-    """Jitted `step(state, batch) -> (state, metrics)`.
-
-    The gradient is the mean over micro-batches × Monte Carlo samples of ∇loss_fn, accumulated
-    by nested `lax.scan`s: one (micro-batch, sample) graph is alive at a time, so peak memory
-    does not grow with either count. loss_fn(model, micro_batch, key, sample_index) gets the same
-    key for every sample of a micro-batch and derives per-sample randomness from sample_index.
-    """
+  def accumulated_grads(self, loss_fn: LossFn, batch_shardings: Any, num_samples: int = 1):
+    """`grads(params, batch, key) -> (grads, objective, sums)`: the mean over micro-batches ×
+    Monte Carlo samples of ∇loss_fn, accumulated by nested `lax.scan`s. One (micro-batch,
+    sample) graph is alive at a time, so peak memory does not grow with either count.
+    loss_fn(model, micro_batch, key, sample_index) gets one key per micro-batch and derives
+    per-sample randomness from sample_index."""
     m, n = int(self.tc.microbatches), int(num_samples)
     grad_fn = jax.value_and_grad(
         lambda p, b, k, j: loss_fn(self.model(p), b, k, j), has_aux=True)
@@ -112,8 +110,7 @@ class Trainer:
     def add(a, b):
       return jax.tree.map(jnp.add, a, b)
 
-    def step(state: TrainState, batch):
-      key = jax.random.fold_in(jax.random.wrap_key_data(self.base_key), state.step)
+    def grads(params, batch, key):
       micro = jax.tree.map(split_micro, batch)
 
       def per_micro(carry, xs):
@@ -122,24 +119,35 @@ class Trainer:
         k = jax.random.fold_in(key, i)
 
         def per_sample(carry, j):
-          (obj, sums), g = grad_fn(state.params, mb, k, j)
+          (obj, sums), g = grad_fn(params, mb, k, j)
           return add(carry, (g, sums)), obj
 
         return jax.lax.scan(per_sample, carry, jnp.arange(n))
 
-      zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-      (_, sums0), _ = jax.eval_shape(grad_fn, state.params,
-                                     jax.tree.map(lambda x: x[0], micro), key, 0)
+      zeros_g = jax.tree.map(jnp.zeros_like, params)
+      (_, sums0), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro),
+                                     key, 0)
       zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0)
-      (grads, sums), objs = jax.lax.scan(per_micro, (zeros_g, zeros_s), (jnp.arange(m), micro))
-      grads = jax.tree.map(lambda g: g / (m * n), grads)
+      (g, sums), objs = jax.lax.scan(per_micro, (zeros_g, zeros_s), (jnp.arange(m), micro))
+      return jax.tree.map(lambda x: x / (m * n), g), objs.mean(), sums
+
+    return grads
+
+  def compile_step(self, loss_fn: LossFn, batch_shardings: Any, num_samples: int = 1):
+    """Jitted `step(state, batch) -> (state, metrics)`: accumulated grads (see
+    `accumulated_grads`), then AdamW and the EMA; state is donated."""
+    grads_fn = self.accumulated_grads(loss_fn, batch_shardings, num_samples)
+
+    def step(state: TrainState, batch):
+      key = jax.random.fold_in(jax.random.wrap_key_data(self.base_key), state.step)
+      grads, objective, sums = grads_fn(state.params, batch, key)
       updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       ema = state.ema
       if self.use_ema:
         d = ema_decay(state.step, self.tc.ema_max_decay)
         ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
-      metrics = {'objective': objs.mean(), 'grad_norm': optax.tree.norm(grads), **sums}
+      metrics = {'objective': objective, 'grad_norm': optax.tree.norm(grads), **sums}
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
     return jax.jit(step, in_shardings=(self.state_shardings, batch_shardings),
