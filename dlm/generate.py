@@ -1,0 +1,104 @@
+"""Sample mode: load a pretraining run's checkpoint, sample, write `<workdir>/samples.jsonl`.
+
+The checkpoint carries the run's config, so the model and tokenizer are rebuilt from the workdir
+alone; the sample config only says how to sample. One JSON object per sample: prompt, text (the
+generation up to its first EOS), tokens (all generated ids), calls (network calls of its row),
+seconds (wall time of its batch, compilation excluded), strategy, checkpoint step.
+"""
+import json
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from configs import pretrain
+from dlm import checkpoint as ckpt_lib
+from dlm import sampling
+from dlm import train as train_lib
+
+_RUN_SECTIONS = ('model', 'data', 'diffusion', 'train')  # what the checkpoint decides
+
+
+def sampler_config(sampler_cfg) -> sampling.SamplerConfig:
+  return sampling.SamplerConfig(**sampler_cfg.to_dict())
+
+
+def training_config(ckpt: ckpt_lib.Checkpointer, step: int):
+  """The run's saved config over today's pretraining defaults; the mesh is this machine's."""
+  saved = ckpt.manager.restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  c = pretrain.base_config()
+  for section in _RUN_SECTIONS:
+    c[section].update(saved[section])
+  c.seed = saved['seed']
+  return c
+
+
+def load(workdir: str, step: int = -1, use_ema: bool = True):
+  """(tokenizer, graphdef, params, step) of a run's checkpoint (latest when step < 0)."""
+  ckpt = ckpt_lib.Checkpointer(workdir)
+  step = ckpt.latest_step() if step < 0 else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {epath.Path(workdir) / "checkpoints"}; train '
+                            'first: python -m dlm.main --config=configs/pretrain.py:tiny '
+                            f'--workdir={workdir}')
+  tok, _, _, trainer = train_lib.setup(training_config(ckpt, step), workdir)
+  state, _, _ = ckpt.restore(step, trainer.abstract_state)
+  ckpt.close()
+  params = state.ema if use_ema and state.ema is not None else state.params
+  return tok, trainer.graphdef, params, step
+
+
+def left_pad(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts right-aligned in [len(rows), width] (generation follows every prompt directly)."""
+  ids = np.zeros((len(rows), width), np.int32)
+  mask = np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):
+    if r:
+      ids[i, width - len(r):], mask[i, width - len(r):] = r, True
+  return ids, mask
+
+
+def run(cfg, workdir: str) -> list[dict]:
+  scfg = sampler_config(cfg.sampler)
+  if cfg.num_samples < 1 or cfg.batch_size < 1:
+    raise ValueError('num_samples and batch_size must be ≥ 1')
+  tok, graphdef, params, step = load(workdir, cfg.checkpoint_step, cfg.use_ema)
+  prompts = [p for p in cfg.prompts for _ in range(cfg.num_samples)]
+  encoded = [tok.encode(p) if p else [] for p in prompts]
+  width = max(map(len, encoded))
+  ids, mask = left_pad(encoded, width)
+  bs = cfg.batch_size
+  n_batches = -(-len(prompts) // bs)
+  pad = n_batches * bs - len(prompts)  # repeat the last row: every batch has the same shape
+  ids, mask = (np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in (ids, mask))
+  base = jax.random.key(cfg.seed)
+  fn = sampling.sample_params.lower(graphdef, params, ids[:bs], mask[:bs], base,
+                                    cfg=scfg).compile()
+  records, batch_seconds = [], []
+  for b in range(n_batches):
+    t0 = time.perf_counter()
+    x, stats = jax.device_get(fn(params, ids[b * bs:(b + 1) * bs], mask[b * bs:(b + 1) * bs],
+                                 jax.random.fold_in(base, b)))
+    seconds = time.perf_counter() - t0
+    batch_seconds.append(seconds)
+    for r in range(bs):
+      i = b * bs + r
+      if i >= len(prompts):
+        break
+      gen = [int(t) for t in x[r, width:]]
+      text_ids = gen[:gen.index(tok.eos_id)] if tok.eos_id in gen else gen
+      records.append({'prompt': prompts[i], 'text': tok.decode(text_ids), 'tokens': gen,
+                      'calls': int(stats['calls_B'][r]), 'seconds': seconds,
+                      'strategy': scfg.strategy, 'step': step})
+  if jax.process_index() == 0:
+    path = epath.Path(workdir) / cfg.output
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    tokens = len(records) * scfg.gen_length
+    print(f'{len(records)} samples ({scfg.strategy}, checkpoint {step}) → {path}; '
+          f'{tokens / max(sum(batch_seconds), 1e-9):,.0f} tokens/s', flush=True)
+    for r in records[:3]:
+      print(f'  {r["prompt"]!r} → {r["text"]!r}', flush=True)
+  return records
