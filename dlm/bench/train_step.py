@@ -24,7 +24,7 @@ _PRESET = flags.DEFINE_string('preset', 'bench20m', 'bench20m (CPU) or radd_smal
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'compute dtype')
 _BATCH = flags.DEFINE_integer('batch', 8, 'sequences per step')
 _SEQ = flags.DEFINE_integer('seq_len', 256, 'sequence length')
-_STEPS = flags.DEFINE_integer('steps', 5, 'timed steps (after one warm-up)')
+_STEPS = flags.DEFINE_integer('steps', 5, 'timed steps (after one warm-up); best is kept')
 
 
 def bench_config(preset: str) -> ConfigDict:
@@ -38,22 +38,18 @@ def bench_config(preset: str) -> ConfigDict:
   return c
 
 
-def _time(fn, *args, n: int) -> float:
-  jax.block_until_ready(fn(*args))
-  best = math.inf
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t)
-  return best
-
-
-def matmul_flops(dtype, n: int = 2048) -> float:
-  """Best sustained dense matmul FLOP/s of one device (the roofline a train step can reach)."""
+def matmul_fn(dtype, n: int = 2048):
+  """A dense n³ matmul: the roofline a train step's matmuls can reach on this device."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   f = jax.jit(lambda a, b: a @ b)
-  return 2 * n ** 3 / _time(f, a, b, n=5)
+  return (lambda: f(a, b)), 2.0 * n ** 3
+
+
+def _seconds(fn) -> float:
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t
 
 
 def main(argv):
@@ -70,20 +66,25 @@ def main(argv):
   step = trainer.compile_step(train_lib.pretrain_loss(c.diffusion, mcfg.mask_id), shard)
   tokens = jax.device_put(jax.random.randint(jax.random.key(0), (_BATCH.value, _SEQ.value), 0,
                                              mcfg.mask_id), shard)
-  state, _ = step(state, tokens)  # compile + warm-up
-  jax.block_until_ready(state)
-  times = []
+  holder = [state]
+
+  def one_step():
+    holder[0], m = step(holder[0], tokens)
+    return m
+
+  mm, mm_flops = matmul_fn(jnp.dtype(_DTYPE.value))
+  _seconds(one_step), _seconds(mm)  # compile + warm-up
+  # Interleave step and matmul timings and keep the best of each: on a shared, noisy machine
+  # both then see the same conditions, so their ratio is stable.
+  step_s, mm_s = math.inf, math.inf
   for _ in range(_STEPS.value):
-    t = time.perf_counter()
-    state, m = step(state, tokens)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  step_s = sorted(times)[len(times) // 2]
+    step_s = min(step_s, _seconds(one_step))
+    mm_s = min(mm_s, min(_seconds(mm) for _ in range(3)))
   n_params = model_lib.count_params(mcfg)
   n_matmul = n_params - mcfg.num_embeddings * mcfg.d_model  # embedding lookup is a gather
   flops = metrics_lib.train_flops_per_token(n_matmul, mcfg.n_layers, mcfg.d_model,
                                             _SEQ.value) * _BATCH.value * _SEQ.value
-  mm = matmul_flops(jnp.dtype(_DTYPE.value))
+  mm = mm_flops / mm_s
   model_fps = flops / step_s
   peak = metrics_lib.peak_flops_per_device()
   out = {'preset': _PRESET.value, 'dtype': _DTYPE.value, 'device': dev[0].device_kind,
