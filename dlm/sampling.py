@@ -344,8 +344,8 @@ def _blockwise(net, x_BxL, key, cfg: SamplerConfig, key_mask_BxL):
       calls_B = calls_B + masked.any(-1)
       return x, i + 1, it + 1, reveal_BxL, calls_B
 
-    def block_logp(logp):
-      return jax.lax.dynamic_slice_in_dim(logp, 0 if logp.shape[1] == K else start, K, axis=1)
+    def block_logp(logp, offset=0):  # the block's rows of a full (offset=start) or window output
+      return jax.lax.dynamic_slice_in_dim(logp, offset, K, axis=1)
 
     def unfinished(carry):
       xb = jax.lax.dynamic_slice_in_dim(carry[0], start, K, axis=1)
@@ -353,10 +353,10 @@ def _blockwise(net, x_BxL, key, cfg: SamplerConfig, key_mask_BxL):
 
     carry = (x, jnp.int32(0), *carry[1:])
     if cfg.cache == 'none':
-      body = lambda c: step(c, block_logp(full(c[0])))
+      body = lambda c: step(c, block_logp(full(c[0]), start))
     else:  # refresh the cache once per block; its first step uses the full forward's output
       logp, kv = encode(x)
-      carry = step(carry, block_logp(logp))
+      carry = step(carry, block_logp(logp, start))
       if cfg.cache == 'prefix':  # window = the block and everything after it (static length)
         body = lambda c: step(c, block_logp(window(kv, c[0][:, static_start:], static_start)))
       else:  # dual: window = the block only; the suffix's k/v are cached too

@@ -35,13 +35,14 @@ def model():
 
 
 def table_net(record=None):
-  """A cheap bidirectional stand-in: logits from each token plus the row's mean context."""
+  """A cheap bidirectional stand-in: logits from each token, its position and the row's mean."""
   W = jax.random.normal(jax.random.key(7), (V + 1, V + 1))
+  pos = jax.random.normal(jax.random.key(8), (64, V + 1))
 
   def apply(x_BxL, key_mask_BxL):
     if record is not None:
       jax.debug.callback(lambda a: record.append(np.asarray(a)), x_BxL, ordered=True)
-    logits = W[x_BxL] + W[x_BxL].mean(1, keepdims=True)
+    logits = W[x_BxL] + W[x_BxL].mean(1, keepdims=True) + pos[:x_BxL.shape[1]]
     return model_lib.real_log_softmax(logits, MASK)
 
   return S.Net(MASK, apply)
@@ -203,6 +204,31 @@ def test_threshold_one_equals_semi_ar_one_token_per_step(model):
                                       threshold=1.0), ids, mask)
   np.testing.assert_array_equal(xs, xt)
   np.testing.assert_array_equal(ss['reveal_step_BxL'], st['reveal_step_BxL'])
+
+
+@pytest.mark.parametrize('strategy', ['semi_ar', 'threshold'])
+def test_cache_plumbing_is_exact_with_an_exact_cache(strategy):
+  # A "cache" that stores the block-start tokens and rebuilds the full input around the window:
+  # exact, because tokens outside the current block do not change within a block. So every cache
+  # mode must reproduce cache='none' exactly: this checks the block/window offsets.
+  net = table_net()
+
+  def window(kv_BxL, x_BxW, start, km):
+    full = jax.lax.dynamic_update_slice_in_dim(kv_BxL, x_BxW, start, axis=1)
+    return jax.lax.dynamic_slice_in_dim(net.apply(full, km), start, x_BxW.shape[1], axis=1)
+
+  exact = S.Net(MASK, net.apply, lambda x, km: (net.apply(x, km), x), window)
+  ids, mask = prompts([2, 5], 5)
+  out = {}
+  for cache in S.CACHES:
+    cfg = S.SamplerConfig(strategy, gen_length=24, block_length=8, steps=12, threshold=0.5,
+                          cache=cache)
+    out[cache] = jax.tree.map(np.asarray, jax.jit(
+        lambda i, m: S.sample(exact, i, m, jax.random.key(0), cfg))(ids, mask))
+  for cache in ('prefix', 'dual'):
+    np.testing.assert_array_equal(out[cache][0], out['none'][0])
+    np.testing.assert_array_equal(out[cache][1]['reveal_step_BxL'],
+                                  out['none'][1]['reveal_step_BxL'])
 
 
 @pytest.mark.parametrize('strategy,cache', [('semi_ar', 'none'), ('threshold', 'none'),
