@@ -19,7 +19,7 @@ _NPROC = flags.DEFINE_integer('num_processes', None, 'multi-process: total proce
 _PID = flags.DEFINE_integer('process_id', None, 'multi-process: this process index')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = ('pretrain',)
+MODES = ('pretrain', 'sample', 'rl')
 
 
 def main(argv):
@@ -34,10 +34,12 @@ def main(argv):
   cfg = _CONFIG.value
   if cfg.mode not in MODES:
     raise app.UsageError(f'config.mode={cfg.mode!r}; valid: {MODES}')
-  from dlm import checkpoint, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from dlm import checkpoint, generate, rl, train
+  run = {'pretrain': train.run, 'sample': generate.run, 'rl': rl.run}[cfg.mode]
   try:
-    train.run(cfg, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, train.NonFiniteLossError,
+    run(cfg, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, FloatingPointError, train.NonFiniteLossError,
           checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -17,6 +17,7 @@ Choices (where SPEC leaves room):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 from collections import Counter
@@ -361,9 +362,36 @@ def compact_prompt(problem: Problem) -> str:
   return f"{' '.join(map(str, problem.numbers))} -> {problem.target} :"
 
 
+_CHAIN_OPS = ('+', '-', '*', '/')
+
+
+def _chain_solution(numbers: Sequence[int], target: int) -> str | None:
+  """The first left-to-right chain ((a o b) o c) … equal to target, with positive-integer
+  intermediates, trying operator sequences in the order + − × ÷ and, for each, the number
+  orders in `itertools.permutations` order. Most small problems come out as 'a+b-c': one
+  consistent shape is far easier for a small model to learn than the solver's arbitrary pick."""
+  k = len(numbers)
+  for ops in itertools.product(_CHAIN_OPS, repeat=k - 1):
+    for perm in itertools.permutations(numbers):
+      value, text, prev = Fraction(perm[0]), str(perm[0]), None
+      for op, n in zip(ops, perm[1:]):
+        value = {'+': value + n, '-': value - n, '*': value * n, '/': value / n}[op]
+        if value <= 0 or value.denominator != 1:
+          break
+        if op in '*/' and prev in ('+', '-'):
+          text = f'({text})'
+        text, prev = f'{text}{op}{n}', op
+      else:
+        if value == target:
+          return text
+  return None
+
+
 def compact_solution(problem: Problem) -> str:
-  """The SFT target completing `compact_prompt`: a real solution in answer tags."""
-  expr = solve(problem.numbers, problem.target)
+  """The SFT target completing `compact_prompt`: a real solution in answer tags — the first
+  left-to-right chain that works (see `_chain_solution`), else the solver's expression."""
+  expr = _chain_solution(problem.numbers, problem.target) or solve(problem.numbers,
+                                                                   problem.target)
   if expr is None:
     raise ValueError(f'no solution with positive-integer intermediates: {problem}')
   return f'{_OPEN}{expr}{_CLOSE}'
