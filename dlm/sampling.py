@@ -140,11 +140,14 @@ def exact_cdf(logp_NxV: jax.Array) -> tuple[jax.Array, jax.Array]:
                                   axis=-1)
 
 
+_EXACT_TRIES = 24
+
+
 def categorical_exact(logp_NxV: jax.Array, bits_NxTx2: jax.Array) -> jax.Array:
   """Inverse-CDF draw, exact in 62-bit integers: u uniform below the total by rejection.
 
-  Each of the T tries of 62 random bits is accepted with probability ≥ 1/2; T = 24 tries fail
-  with probability < 1e-7 and then the last try is reduced by one bit (still a valid token).
+  Each of the T tries of 62 random bits lands below the total (≈ 2^61.5) with probability ≈ 0.71,
+  so T = 24 tries all fail with probability ≈ 1e-13; then the last try is halved (still a token).
   """
   cdf_hi, cdf_lo = exact_cdf(logp_NxV)
   total = (cdf_hi[:, -1:], cdf_lo[:, -1:])
@@ -157,9 +160,6 @@ def categorical_exact(logp_NxV: jax.Array, bits_NxTx2: jax.Array) -> jax.Array:
   u_hi = jnp.where(_le64(total, (u_hi, u_lo)), u_hi >> 1, u_hi)
   idx_N = _le64((cdf_hi, cdf_lo), (u_hi, u_lo)).sum(-1)  # first i with CDF_i > u
   return jnp.minimum(idx_N, logp_NxV.shape[-1] - 1).astype(jnp.int32)
-
-
-_EXACT_TRIES = 24
 
 
 def gumbel(key: jax.Array, shape) -> jax.Array:
@@ -189,7 +189,7 @@ def reveal_step_probs(cfg: SamplerConfig) -> np.ndarray:
 
   A token still masked at t is revealed by s < t with prob (α_s − α_t)/(1 − α_t), so it is still
   masked after step k with prob (1 − α_{t_{k+1}})/(1 − α_{t_0}); the last step reveals the rest.
-  Log-linear: uniform over steps up to t_min/n.
+  Log-linear: (1 − t_min)/n at every step, the last one also taking the t_min left over.
   """
   t = np.linspace(1.0, cfg.t_min, cfg.steps + 1)
   with jax.ensure_compile_time_eval():  # a constant of the config, also when traced under jit
