@@ -91,17 +91,27 @@ def _dense_init(fan_in):
   return nnx.initializers.normal(stddev=fan_in ** -0.5)
 
 
-def rope(x_BxLxNxH: jax.Array, base: float) -> jax.Array:
-  """Rotate-half rotary embedding over the whole head, positions 0..L-1 (NeoX / LLaDA)."""
+def rope(x_BxLxNxH: jax.Array, base: float, pos_L: jax.Array | None = None) -> jax.Array:
+  """Rotate-half rotary embedding over the whole head (NeoX / LLaDA) at positions pos_L
+  (default 0..L-1; a cached window passes its absolute positions)."""
   L, H = x_BxLxNxH.shape[1], x_BxLxNxH.shape[-1]
+  pos_L = jnp.arange(L) if pos_L is None else pos_L
   inv_freq = base ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
-  ang_LxH2 = jnp.arange(L, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  ang_LxH2 = pos_L.astype(jnp.float32)[:, None] * inv_freq[None, :]
   cos = jnp.concatenate([jnp.cos(ang_LxH2)] * 2, -1)[None, :, None, :]
   sin = jnp.concatenate([jnp.sin(ang_LxH2)] * 2, -1)[None, :, None, :]
   x = x_BxLxNxH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x * cos + rotated * sin).astype(x_BxLxNxH.dtype)
+
+
+def _tokens_first(f, x_BxLx___):
+  """Apply a per-token map on [B·L, ...]: XLA:CPU runs 2-D matmuls and their element-wise
+  backward about twice as fast as the same ops on [B, L, D]."""
+  B, L = x_BxLx___.shape[:2]
+  y = f(x_BxLx___.reshape(B * L, *x_BxLx___.shape[2:]))
+  return y.reshape(B, L, *y.shape[1:])
 
 
 class Norm(nnx.Module):
@@ -137,13 +147,25 @@ class Attention(nnx.Module):
     self.qkv = _param(rngs, _dense_init(d), (d, 3, n, h), ('embed', None, 'heads', None), pd)
     self.out = _param(rngs, _dense_init(d), (n, h, d), ('heads', None, 'embed'), pd)
 
-  def __call__(self, x_BxLxD, key_mask_BxL):
+  def __call__(self, x_BxWxD, key_mask_BxL, start=0, kv=None):
+    """Attention of the window [start, start+W) of an L-token sequence. Keys and values outside
+    the window come from `kv` (the cache: [B, L, N, H] each); kv=None means W is the whole
+    sequence. Returns (output, the window's fresh (k, v))."""
     dt = DTYPES[self.cfg.dtype]
-    qkv = jnp.einsum('bld,dtnh->tblnh', x_BxLxD, self.qkv[...].astype(dt))
-    q, k, v = rope(qkv[0], self.cfg.rope_base), rope(qkv[1], self.cfg.rope_base), qkv[2]
+    qkv = _tokens_first(lambda x: jnp.einsum('md,dtnh->mtnh', x, self.qkv[...].astype(dt)),
+                        x_BxWxD)
+    pos_W = start + jnp.arange(x_BxWxD.shape[1])
+    q, k = (rope(qkv[:, :, i], self.cfg.rope_base, pos_W) for i in (0, 1))
+    v = qkv[:, :, 2]
+    k_all, v_all = k, v
+    if kv is not None:
+      k_all = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=1)
     mask = None if key_mask_BxL is None else key_mask_BxL[:, None, None, :]
-    o_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return jnp.einsum('blnh,nhd->bld', o_BxLxNxH, self.out[...].astype(dt))
+    o_BxWxNxH = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask)
+    out = _tokens_first(lambda o: jnp.einsum('mnh,nhd->md', o, self.out[...].astype(dt)),
+                        o_BxWxNxH)
+    return out, (k, v)
 
 
 class Mlp(nnx.Module):
@@ -162,12 +184,15 @@ class Mlp(nnx.Module):
       self.w_up = _param(rngs, _dense_init(d), (d, f), ('embed', 'mlp'), pd)
 
   def __call__(self, x_BxLxD):
+    return _tokens_first(self._per_token, x_BxLxD)
+
+  def _per_token(self, x_MxD):
     dt = DTYPES[self.cfg.dtype]
-    h = x_BxLxD @ self.w_in[...].astype(dt)
+    h = x_MxD @ self.w_in[...].astype(dt)
     if self.w_up is None:
       h = jax.nn.gelu(h + self.b_in[...].astype(dt), approximate=True)
       return h @ self.w_out[...].astype(dt) + self.b_out[...].astype(dt)
-    h = jax.nn.silu(h) * (x_BxLxD @ self.w_up[...].astype(dt))
+    h = jax.nn.silu(h) * (x_MxD @ self.w_up[...].astype(dt))
     return h @ self.w_out[...].astype(dt)
 
 
@@ -183,10 +208,12 @@ class Block(nnx.Module):
     self.norm2 = Norm(cfg, rngs, bias_init)
     self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x_BxLxD, key_mask_BxL, dropout_key):
+  def __call__(self, x_BxWxD, key_mask_BxL, dropout_key, start=0, kv=None):
+    """(output, fresh (k, v)) of the window [start, start+W); see Attention."""
     k1, k2 = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    x_BxLxD = x_BxLxD + self._drop(self.attn(self.norm1(x_BxLxD), key_mask_BxL), k1)
-    return x_BxLxD + self._drop(self.mlp(self.norm2(x_BxLxD)), k2)
+    a, new_kv = self.attn(self.norm1(x_BxWxD), key_mask_BxL, start, kv)
+    x_BxWxD = x_BxWxD + self._drop(a, k1)
+    return x_BxWxD + self._drop(self.mlp(self.norm2(x_BxWxD)), k2), new_kv
 
   def _drop(self, y, key):
     p = self.cfg.dropout
@@ -220,25 +247,34 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxL, *, key_mask_BxL=None, dropout_key=None):
     """key_mask_BxL: False on padding keys (e.g. left-padded prompts); None = attend to all."""
+    return self.forward(tokens_BxL, key_mask_BxL=key_mask_BxL, dropout_key=dropout_key)[0]
+
+  def forward(self, tokens_BxW, *, key_mask_BxL=None, dropout_key=None, start=0, kv=None,
+              return_kv=False):
+    """(log-probs of the window [start, start+W), per-layer (k, v) of the window or None).
+
+    The one forward path: training and plain sampling see the whole sequence (start 0, no kv);
+    cached samplers (Fast-dLLM) pass the other positions' keys/values as kv, stacked
+    [n_layers, B, L, N, H]."""
     cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
-    x = self.embed[...].astype(dt)[tokens_BxL]
+    x = self.embed[...].astype(dt)[tokens_BxW]
     train = dropout_key is not None and cfg.dropout > 0
     keys = (jax.random.split(dropout_key, cfg.n_layers) if train
             else jnp.zeros((cfg.n_layers, 2), jnp.uint32))
     gdef, layers = nnx.split(self.blocks)
 
     def layer(x, inputs):
-      params, key = inputs
-      return nnx.merge(gdef, params)(x, key_mask_BxL, key if train else None), None
+      params, key, kv_l = inputs
+      x, new_kv = nnx.merge(gdef, params)(x, key_mask_BxL, key if train else None, start, kv_l)
+      return x, (new_kv if return_kv else None)
 
-    policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != 'none':
-      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-    x, _ = jax.lax.scan(layer, x, (layers, keys))
-    logits = self.norm_final(x) @ self.head[...].astype(dt)
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    x, new_kv = jax.lax.scan(layer, x, (layers, keys, kv))
+    logits = _tokens_first(lambda h: h @ self.head[...].astype(dt), self.norm_final(x))
     if self.head_bias is not None:
       logits = logits + self.head_bias[...].astype(dt)
-    return real_log_softmax(logits, cfg.mask_id)
+    return real_log_softmax(logits, cfg.mask_id), new_kv
 
 
 def count_params(cfg: ModelConfig) -> int:
@@ -248,62 +284,13 @@ def count_params(cfg: ModelConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# KV cache for samplers (Fast-dLLM prefix / dual cache): additive, same parameters as __call__.
-
-
-def rope_at(x_BxWxNxH: jax.Array, pos_W: jax.Array, base: float) -> jax.Array:
-  """`rope` at explicit positions, for a window that does not start at 0 (same arithmetic)."""
-  H = x_BxWxNxH.shape[-1]
-  inv_freq = base ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
-  ang_WxH2 = pos_W.astype(jnp.float32)[:, None] * inv_freq[None, :]
-  cos = jnp.concatenate([jnp.cos(ang_WxH2)] * 2, -1)[None, :, None, :]
-  sin = jnp.concatenate([jnp.sin(ang_WxH2)] * 2, -1)[None, :, None, :]
-  x = x_BxWxNxH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x * cos + rotated * sin).astype(x_BxWxNxH.dtype)
-
-
-def _block_window(block: Block, x_BxWxD, start, kv, key_mask_BxL):
-  """One block on the window [start, start+W); keys outside it come from `kv` (None: W is all).
-
-  Returns the block output and the window's fresh k, v (what a cache stores for this layer).
-  """
-  attn, dt = block.attn, DTYPES[block.cfg.dtype]
-  qkv = jnp.einsum('bld,dtnh->tblnh', block.norm1(x_BxWxD), attn.qkv[...].astype(dt))
-  pos_W = start + jnp.arange(x_BxWxD.shape[1])
-  base = block.cfg.rope_base
-  q, k, v = rope_at(qkv[0], pos_W, base), rope_at(qkv[1], pos_W, base), qkv[2]
-  k_all, v_all = k, v
-  if kv is not None:
-    k_all = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=1)
-    v_all = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=1)
-  mask = None if key_mask_BxL is None else key_mask_BxL[:, None, None, :]
-  o_BxWxNxH = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask)
-  x_BxWxD = x_BxWxD + jnp.einsum('blnh,nhd->bld', o_BxWxNxH, attn.out[...].astype(dt))
-  return x_BxWxD + block.mlp(block.norm2(x_BxWxD)), (k, v)
-
-
-def _forward_window(model: Transformer, tokens_BxW, start, kv, key_mask_BxL):
-  cfg, dt = model.cfg, DTYPES[model.cfg.dtype]
-  x = model.embed[...].astype(dt)[tokens_BxW]
-  gdef, layers = nnx.split(model.blocks)
-
-  def layer(x, inputs):
-    params, kv_l = inputs
-    return _block_window(nnx.merge(gdef, params), x, start, kv_l, key_mask_BxL)
-
-  x, new_kv = jax.lax.scan(layer, x, (layers, kv))
-  logits = model.norm_final(x) @ model.head[...].astype(dt)
-  if model.head_bias is not None:
-    logits = logits + model.head_bias[...].astype(dt)
-  return real_log_softmax(logits, cfg.mask_id), new_kv
+# KV cache for samplers (Fast-dLLM prefix / dual cache): thin names over Transformer.forward.
 
 
 def encode_kv(model: Transformer, tokens_BxL, *, key_mask_BxL=None):
   """Full forward that also returns every layer's k and v: (logp_BxLxV, (k, v)), k/v shaped
-  [n_layers, B, L, n_heads, head_dim]. The same numbers as `model(tokens_BxL)` up to rounding."""
-  return _forward_window(model, tokens_BxL, 0, None, key_mask_BxL)
+  [n_layers, B, L, n_heads, head_dim]. The same computation as `model(tokens_BxL)`."""
+  return model.forward(tokens_BxL, key_mask_BxL=key_mask_BxL, return_kv=True)
 
 
 def decode_window(model: Transformer, kv, tokens_BxW, start, *, key_mask_BxL=None):
@@ -311,4 +298,4 @@ def decode_window(model: Transformer, kv, tokens_BxW, start, *, key_mask_BxL=Non
   window and to the cached `kv` (from `encode_kv`) everywhere else. Exact when the tokens outside
   the window are those `kv` was computed on and the window's own tokens did not change; an
   approximation (Fast-dLLM) when they did. `start` may be traced; W and L are static."""
-  return _forward_window(model, tokens_BxW, start, kv, key_mask_BxL)[0]
+  return model.forward(tokens_BxW, key_mask_BxL=key_mask_BxL, start=start, kv=kv)[0]
