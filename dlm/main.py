@@ -39,8 +39,7 @@ def main(argv):
   run = {'pretrain': train.run, 'sample': generate.run, 'rl': rl.run}[cfg.mode]
   try:
     run(cfg, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError, train.NonFiniteLossError,
-          checkpoint.CheckpointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

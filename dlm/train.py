@@ -16,7 +16,7 @@ from dlm import sharding
 from dlm import trainer as trainer_lib
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FloatingPointError):
   pass
 
 
