@@ -7,6 +7,22 @@ Use: `--config=configs/pretrain.py:tiny --config.train.num_steps=50`.
 import ml_collections
 
 
+def optimizer(**overrides) -> ml_collections.ConfigDict:
+  """What `dlm.trainer.Trainer` reads: AdamW, warm-up, clipping, EMA, micro-batches (SPEC §3)."""
+  t = ml_collections.ConfigDict()
+  t.lr = 3e-4
+  t.warmup_steps = 2500
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.eps = 1e-8
+  t.weight_decay = 0.0
+  t.clip_norm = 1.0
+  t.ema_max_decay = 0.9999  # EMA decay min(max, (1+n)/(10+n)); 0 disables EMA
+  t.microbatches = 1  # gradient accumulation by lax.scan
+  t.update(overrides)
+  return t
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = 'pretrain'
@@ -44,17 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   dt.eval_batches = 4
   dt.builtin_documents = 20000  # size of the generated default corpus
 
-  c.train = t = ml_collections.ConfigDict()
+  c.train = t = optimizer()
   t.num_steps = 400_000
-  t.lr = 3e-4
-  t.warmup_steps = 2500
-  t.b1 = 0.9
-  t.b2 = 0.999
-  t.eps = 1e-8
-  t.weight_decay = 0.0
-  t.clip_norm = 1.0
-  t.ema_max_decay = 0.9999  # EMA decay min(max, (1+n)/(10+n)); 0 disables EMA
-  t.microbatches = 1  # gradient accumulation by lax.scan
   t.log_every = 100
   t.eval_every = 5000
   t.checkpoint_every = 10000

@@ -62,16 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   r.checkpoint_every = 10
   r.keep_checkpoints = 3
 
-  c.train = tr = ml_collections.ConfigDict()  # the optimizer of the RL updates
-  tr.lr = 5e-7
-  tr.warmup_steps = 1
-  tr.b1 = 0.9
-  tr.b2 = 0.99
-  tr.eps = 1e-8
-  tr.weight_decay = 0.0
-  tr.clip_norm = 1.0
-  tr.ema_max_decay = 0.0
-  tr.microbatches = 1
+  # The optimizer of the RL updates.
+  c.train = pretrain.optimizer(lr=5e-7, warmup_steps=1, b2=0.99, ema_max_decay=0.0)
 
   c.warmstart = w = ml_collections.ConfigDict()  # supervised warm start (cpu preset; 0 = none)
   w.steps = 0

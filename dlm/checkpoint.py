@@ -49,6 +49,11 @@ class Checkpointer:
           'to resume from an earlier one.') from e
     return out.state, out.data['iterator'], out.config
 
+  def restore_config(self, step: int) -> dict:
+    """Only the config a step was written with (to rebuild its model before restoring it)."""
+    return self.manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
   def wait(self):
     self.manager.wait_until_finished()
 

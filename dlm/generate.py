@@ -10,7 +10,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from configs import pretrain
@@ -27,8 +26,7 @@ def sampler_config(sampler_cfg) -> sampling.SamplerConfig:
 
 def training_config(ckpt: ckpt_lib.Checkpointer, step: int):
   """The run's saved config over today's pretraining defaults; the mesh is this machine's."""
-  saved = ckpt.manager.restore(
-      step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  saved = ckpt.restore_config(step)
   c = pretrain.base_config()
   for section in _RUN_SECTIONS:
     c[section].update(saved[section])
