@@ -72,6 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
   w.warmup_steps = 50
   w.loss = 'k_dce'  # prompt-aware masked-diffusion loss over the response only
   w.vocab_size = 48  # pieces of the tokenizer trained on the task texts
+  w.problem_fraction = 1.0  # the warm start uses the first fraction of the training problems
+  w.disjoint = False  # RL prompts then come from the rest only
   w.log_every = 50
   w.checkpoint_every = 200
 

@@ -56,6 +56,10 @@ def validate(cfg) -> None:
     raise ValueError(f'rl.num_prompts × rl.group_size = {responses} must split into '
                      f'rl.num_minibatches={r.num_minibatches} × '
                      f'train.microbatches={cfg.train.microbatches}')
+  frac = cfg.warmstart.problem_fraction
+  if not 0 < frac <= 1 or (cfg.warmstart.disjoint and frac == 1):
+    raise ValueError(f'warmstart.problem_fraction={frac} must be in (0, 1], and < 1 with '
+                     'warmstart.disjoint=True (RL needs problems of its own)')
   if not cfg.init.checkpoint and cfg.warmstart.steps == 0:
     raise ValueError(
         'no policy to post-train: this preset starts from a pretrained model. Pass '
@@ -163,6 +167,12 @@ def rewards_of(enc: Encoder, tokens_BxT, problems) -> np.ndarray:
 # Warm start
 
 
+def warmstart_split(cfg, n: int) -> int:
+  """The warm start reads training problems [0, k); with warmstart.disjoint, RL prompts come
+  from [k, n): a policy that memorised its warm-start problems still meets new ones in RL."""
+  return max(1, int(n * cfg.warmstart.problem_fraction))
+
+
 def _sub_train_cfg(cfg, **over):
   tc = ml_collections.ConfigDict(cfg.train.to_dict())
   tc.update(over)
@@ -177,7 +187,7 @@ def warm_start(cfg, workdir, enc: Encoder, mcfg, mesh, log) -> dict:
                       microbatches=1)
   trainer = trainer_lib.Trainer(mcfg, tc, mesh, cfg.sharding.rules, cfg.seed)
   ckpt = ckpt_lib.Checkpointer(wdir, keep=2)
-  it = index_iterator(len(enc.train), w.batch_size, cfg.seed + 7)
+  it = index_iterator(warmstart_split(cfg, len(enc.train)), w.batch_size, cfg.seed + 7)
   start = ckpt.latest_step() or 0
   if start:
     state, data_state, _ = ckpt.restore(start, trainer.abstract_state)
@@ -364,7 +374,8 @@ def run(cfg, workdir: str, devices=None) -> dict:
   train, held_out, enc, trainer, learner, init_params = build(cfg, workdir, devices)
   r, log, mesh = cfg.rl, _log, trainer.mesh
   ckpt = ckpt_lib.Checkpointer(workdir, keep=r.keep_checkpoints)
-  it = index_iterator(len(train), r.num_prompts, cfg.seed)
+  first = warmstart_split(cfg, len(train)) if cfg.warmstart.disjoint else 0
+  it = index_iterator(len(train) - first, r.num_prompts, cfg.seed)
   start = ckpt.latest_step() or 0
   if start:
     state, data_state, _ = ckpt.restore(start, trainer.abstract_state)
@@ -392,7 +403,7 @@ def run(cfg, workdir: str, devices=None) -> dict:
   for s in range(start + 1, r.num_steps + 1):
     key = jax.random.fold_in(base, s)
     k_roll, k_rows = jax.random.split(key)
-    problems = [train[i] for i in next(it) for _ in range(r.group_size)]
+    problems = [train[first + i] for i in next(it) for _ in range(r.group_size)]
     t0 = time.perf_counter()
     tokens, attend = learner.sample(state.params, problems, k_roll, learner.rollout_cfg)
     rewards = rewards_of(enc, tokens, problems)

@@ -135,5 +135,7 @@ def test_bad_rl_values_are_clear_errors(tmp_path):
     rl.run(tiny(**{'rl.group_size': 1}), str(tmp_path))
   with pytest.raises(ValueError, match='objective'):
     rl.run(tiny(**{'rl.objective': 'ppo'}), str(tmp_path))
+  with pytest.raises(ValueError, match='problem_fraction'):
+    rl.run(tiny(**{'warmstart.disjoint': True}), str(tmp_path))
   with pytest.raises(ValueError, match='data-parallel'):
     rl.run(tiny(**{'rl.num_minibatches': 2}), str(tmp_path))  # 4 rows over 8 devices

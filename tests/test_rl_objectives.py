@@ -73,9 +73,9 @@ def test_on_policy_bgpo_equals_a_and_matches_vrpo_ol_gradient(adv):
   def bgpo_total(p):  # −(1/B) Σ_i R_lb,i = mean over j of the per-sample objectives
     return sum(bgpo(nnx.merge(gdef, p), batch, None, j)[0] for j in range(N_T)) / N_T
 
-  value, g_bgpo = jax.value_and_grad(bgpo_total)(params)
+  value, g_bgpo = jax.jit(jax.value_and_grad(bgpo_total))(params)
   np.testing.assert_allclose(value, -np.mean(adv), rtol=1e-6, atol=1e-7)  # R_lb = A exactly
-  g_vrpo = jax.grad(lambda p: vrpo(nnx.merge(gdef, p), batch, None, 0)[0])(params)
+  g_vrpo = jax.jit(jax.grad(lambda p: vrpo(nnx.merge(gdef, p), batch, None, 0)[0]))(params)
   for a, b in zip(jax.tree.leaves(g_bgpo), jax.tree.leaves(g_vrpo)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_bgpo)) > 1e-3
