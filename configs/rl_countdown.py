@@ -82,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def cpu(c):
-  """Tiny model, numbers in a small range, one-token-per-step rollouts: ≤ 20 min on 2 cores."""
+  """Tiny model on numbers in [1, 20]: warm start on half of the training problems (held-out
+  greedy accuracy ≈ 0.2), BGPO on the other half; ≈ 12 minutes on 2 cores."""
   c.model = pretrain.get_config('tiny').model.copy_and_resolve_references()
   c.model.unlock()
   c.model.update(d_model=128, n_layers=4, n_heads=4, mlp_dim=512, remat='none')
@@ -90,11 +91,11 @@ def cpu(c):
                 test_size=256)
   c.sampler.update(gen_length=16, steps=16, block_length=8, temperature=1.0)
   c.eval_sampler.update(steps=16, batch_size=128)
-  c.rl.update(num_steps=150, num_prompts=16, group_size=8, num_mc=4, eval_every=50,
+  c.rl.update(num_steps=150, num_prompts=16, group_size=8, num_mc=8, eval_every=25,
               checkpoint_every=10)
-  c.train.update(lr=2e-4, warmup_steps=1, clip_norm=1.0)
-  c.warmstart.update(steps=1500, batch_size=64, lr=2e-3, warmup_steps=100, log_every=100,
-                     checkpoint_every=500)
+  c.train.update(lr=2e-5, warmup_steps=1, clip_norm=1.0)
+  c.warmstart.update(steps=2500, batch_size=64, lr=5e-4, warmup_steps=100, log_every=100,
+                     checkpoint_every=500, problem_fraction=0.5, disjoint=True)
   return c
 
 
@@ -103,6 +104,7 @@ def tiny(c):
   cpu(c)
   c.model.update(d_model=32, n_layers=1, n_heads=2, mlp_dim=64)
   c.task.update(high=10, train_size=300, test_size=16)
+  c.warmstart.update(problem_fraction=1.0, disjoint=False)
   c.eval_sampler.update(batch_size=16)
   c.rl.update(num_steps=4, num_prompts=2, group_size=4, num_mc=2, eval_every=2,
               checkpoint_every=2)
