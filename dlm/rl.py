@@ -390,7 +390,7 @@ def run(cfg, workdir: str, devices=None) -> dict:
   ref_params = None  # diffu_grpo's KL reference: the initial policy
   if r.kl_beta > 0:
     ref_params = (_initial_params(cfg, workdir, trainer, enc, mesh, log) if start
-                  else state.params)
+                  else jax.tree.map(jnp.copy, state.params))  # updates donate state's buffers
   writer = metrics_lib.MetricsWriter(workdir, start)
   log(f'RL ({r.objective}): {r.num_prompts} prompts × {r.group_size} responses, n_t {r.num_mc}, '
       f'{r.num_steps - start} steps; {len(held_out)} held-out problems')

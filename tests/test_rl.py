@@ -118,11 +118,15 @@ def test_off_policy_first_update_sees_theta_equal_theta_old(over, tmp_path):
   assert m['grad_norm'] > 0
 
 
-def test_off_policy_run_completes_and_checkpoints(tmp_path):
-  last = rl.run(tiny(**{'rl.num_steps': 2, 'rl.num_minibatches': 2, 'rl.num_prompts': 4,
-                        'rl.eval_every': 100}), str(tmp_path))
+@pytest.mark.parametrize('over', [
+    {'rl.num_minibatches': 2, 'rl.num_prompts': 4},
+    {'rl.objective': 'diffu_grpo', 'rl.inner_updates': 2, 'rl.kl_beta': 0.04},
+])
+def test_off_policy_runs_complete_and_checkpoint(over, tmp_path):
+  last = rl.run(tiny(**{'rl.num_steps': 3, 'rl.eval_every': 100, 'rl.checkpoint_every': 3,
+                        **over}), str(tmp_path))
   assert np.isfinite(last['rl/objective'])
-  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [2]
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [3]
 
 
 def test_paper_preset_without_checkpoint_names_the_way_forward(tmp_path):
