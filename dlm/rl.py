@@ -360,11 +360,9 @@ def build(cfg, workdir: str, devices=None) -> Setup:
     tok = task_tokenizer(cfg, workdir, train)
     mcfg = model_lib.config_from(cfg.model, tok.vocab_size + 1)
   enc = Encoder(cfg, tok, train, held_out)
-  dp = sharding.data_parallel_size(mesh, cfg.sharding.rules)
   rows = r.num_prompts * r.group_size // (1 if r.objective == 'diffu_grpo' else r.num_minibatches)
-  if rows % (dp * cfg.train.microbatches):
-    raise ValueError(f'an update sees {rows} responses, which must split into '
-                     f'train.microbatches={cfg.train.microbatches} × {dp} data-parallel shards')
+  sharding.check_batch(rows, mesh, cfg.sharding.rules, cfg.train.microbatches,
+                       'the responses of one update')
   trainer = trainer_lib.Trainer(mcfg, cfg.train, mesh, cfg.sharding.rules, cfg.seed)
   return Setup(train, held_out, enc, trainer, Learner(cfg, trainer, enc), init_params)
 

@@ -82,6 +82,14 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
   return int(np.prod([mesh.shape[a] for a in spec]))
 
 
+def check_batch(rows: int, mesh: Mesh, rules, microbatches: int, what: str) -> None:
+  """A step's rows must split evenly into micro-batches, each over the data-parallel shards."""
+  dp = data_parallel_size(mesh, rules)
+  if rows % (dp * microbatches):
+    raise ValueError(f'{what} = {rows} rows must split into train.microbatches={microbatches} '
+                     f'× {dp} data-parallel shards')
+
+
 def global_batch(local_BxL: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """Assemble this process's rows into the global jax.Array (no host holds the whole batch)."""
   return jax.make_array_from_process_local_data(sharding, local_BxL)

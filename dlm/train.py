@@ -79,10 +79,8 @@ def setup(cfg, workdir: str, devices=None):
                      'set both to 0 / -1 to size the model from the tokenizer')
   mesh = sharding.make_mesh(cfg.sharding, devices)
   rules = cfg.sharding.rules
-  dp = sharding.data_parallel_size(mesh, rules)
-  if cfg.data.batch_size % (dp * cfg.train.microbatches):
-    raise ValueError(f'data.batch_size={cfg.data.batch_size} must divide into '
-                     f'{cfg.train.microbatches} micro-batches over {dp} data-parallel shards')
+  sharding.check_batch(cfg.data.batch_size, mesh, rules, cfg.train.microbatches,
+                       'data.batch_size')
   trainer = trainer_lib.Trainer(mcfg, cfg.train, mesh, rules, cfg.seed)
   return tok, train_src, eval_src, trainer
 
