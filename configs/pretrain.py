@@ -6,6 +6,8 @@ Use: `--config=configs/pretrain.py:tiny --config.train.num_steps=50`.
 """
 import ml_collections
 
+import configs
+
 
 def optimizer(**overrides) -> ml_collections.ConfigDict:
   """What `dlm.trainer.Trainer` reads: AdamW, warm-up, clipping, EMA, micro-batches (SPEC §3)."""
@@ -117,8 +119,4 @@ PRESETS = {'tiny': tiny, 'radd_small': radd_small, 'radd_medium': radd_medium,
 
 
 def get_config(preset: str = 'radd_small') -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
-  c = PRESETS[preset](base_config())
-  c.lock()
-  return c
+  return configs.from_preset(PRESETS, preset, base_config())

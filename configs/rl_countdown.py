@@ -8,6 +8,8 @@ Change the objective with `--config.rl.objective=vrpo_ol|diffu_grpo`.
 """
 import ml_collections
 
+import configs
+
 from configs import pretrain
 
 
@@ -116,8 +118,4 @@ PRESETS = {'paper': lambda c: c, 'cpu': cpu, 'tiny': tiny}
 
 
 def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
-  c = PRESETS[preset](base_config())
-  c.lock()
-  return c
+  return configs.from_preset(PRESETS, preset, base_config())

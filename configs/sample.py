@@ -8,6 +8,8 @@ Use: `--config=configs/sample.py:fast --config.prompts="('count from 3 by 2:',)"
 """
 import ml_collections
 
+import configs
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -68,8 +70,4 @@ PRESETS = {'semi_ar': semi_ar, 'radd': radd, 'threshold': threshold, 'fast': fas
 
 
 def get_config(preset: str = 'semi_ar') -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
-  c = PRESETS[preset](base_config())
-  c.lock()
-  return c
+  return configs.from_preset(PRESETS, preset, base_config())
