@@ -4,7 +4,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dlm import checkpoint as ckpt_lib

@@ -1,5 +1,4 @@
 """End-to-end pretraining: exact resume, sharding equivalence, resharding restore, bad input."""
-import json
 import os
 import shutil
 import subprocess
