@@ -69,11 +69,13 @@ def test_sigkill_mid_run_then_rerun_reproduces_the_metrics(straight, tmp_path):
                           stderr=subprocess.DEVNULL)
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.time() + 240
+  # Checkpoints are written asynchronously: wait until step 2's is finalized (orbax renames
+  # its temporary folder to `2`) and step 3 is logged, so the kill lands mid-way to step 4.
   while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and any(json.loads(l)['step'] >= 3 for l in metrics.read_text().split('\n')
-                                if l.strip()):
+    if ((tmp_path / 'checkpoints' / '2').is_dir() and metrics.exists() and
+        any(json.loads(l)['step'] >= 3 for l in metrics.read_text().split('\n') if l.strip())):
       break
-    time.sleep(0.05)
+    time.sleep(0.02)
   assert proc.poll() is None, 'the run finished before it could be killed'
   proc.send_signal(signal.SIGKILL)
   proc.wait()
