@@ -56,6 +56,8 @@ def validate(cfg) -> None:
     raise ValueError(f'rl.num_prompts × rl.group_size = {responses} must split into '
                      f'rl.num_minibatches={r.num_minibatches} × '
                      f'train.microbatches={cfg.train.microbatches}')
+  if not 0 <= cfg.warmstart.demo_error < 1:
+    raise ValueError(f'warmstart.demo_error={cfg.warmstart.demo_error} must be in [0, 1)')
   frac = cfg.warmstart.problem_fraction
   if not 0 < frac <= 1 or (cfg.warmstart.disjoint and frac == 1):
     raise ValueError(f'warmstart.problem_fraction={frac} must be in (0, 1], and < 1 with '
@@ -133,11 +135,16 @@ class Encoder:
     return generate.left_pad(rows, self.P)
 
   def targets(self):
-    """Solution + EOS padding per training problem (LLaDA SFT), computed on first use."""
+    """Solution + EOS padding per training problem (LLaDA SFT), computed on first use. A seeded
+    `warmstart.demo_error` fraction of problems get the lazy answer instead (a demonstrator
+    that is often wrong), so the warm start writes it often and RL must learn not to."""
     if self._train_targets is None:
       resp = np.full((len(self.train), self.R), self.tok.eos_id, np.int32)
+      lazy = (np.random.default_rng(self.cfg.seed + 13).random(len(self.train))
+              < self.cfg.warmstart.demo_error)
       for i, p in enumerate(self.train):
-        sol = self.tok.encode(countdown.compact_solution(p))
+        sol = self.tok.encode(countdown.lazy_answer(p) if lazy[i] else
+                              countdown.compact_solution(p))
         if len(sol) >= self.R:
           raise ValueError(f'solution of {p} takes {len(sol)} tokens; raise '
                            f'sampler.gen_length above {self.R}')
@@ -167,10 +174,19 @@ def rewards_of(enc: Encoder, tokens_BxT, problems) -> np.ndarray:
 # Warm start
 
 
-def warmstart_split(cfg, n: int) -> int:
-  """The warm start reads training problems [0, k); with warmstart.disjoint, RL prompts come
-  from [k, n): a policy that memorised its warm-start problems still meets new ones in RL."""
-  return max(1, int(n * cfg.warmstart.problem_fraction))
+def problem_split(cfg, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Indices of the training problems read by (warm start, RL).
+
+  The warm start reads a `warmstart.problem_fraction` of them; with `warmstart.disjoint`, RL reads
+  the rest, so a policy that memorised its warm-start problems still meets new ones in RL. The
+  split is a seeded random one: deduplicated generation makes later problems rarer and harder,
+  so a split by position would hand RL a harder distribution than the held-out set.
+  """
+  k = max(1, int(n * cfg.warmstart.problem_fraction))
+  if not cfg.warmstart.disjoint:
+    return np.arange(k), np.arange(n)
+  perm = np.random.default_rng(cfg.seed + 11).permutation(n)
+  return np.sort(perm[:k]), np.sort(perm[k:])
 
 
 def _sub_train_cfg(cfg, **over):
@@ -187,7 +203,8 @@ def warm_start(cfg, workdir, enc: Encoder, mcfg, mesh, log) -> dict:
                       microbatches=1)
   trainer = trainer_lib.Trainer(mcfg, tc, mesh, cfg.sharding.rules, cfg.seed)
   ckpt = ckpt_lib.Checkpointer(wdir, keep=2)
-  it = index_iterator(warmstart_split(cfg, len(enc.train)), w.batch_size, cfg.seed + 7)
+  rows = problem_split(cfg, len(enc.train))[0]
+  it = index_iterator(len(rows), w.batch_size, cfg.seed + 7)
   start = ckpt.latest_step() or 0
   if start:
     state, data_state, _ = ckpt.restore(start, trainer.abstract_state)
@@ -212,7 +229,7 @@ def warm_start(cfg, workdir, enc: Encoder, mcfg, mesh, log) -> dict:
   log(f'warm start: {w.steps - start} supervised steps ({w.loss}, batch {w.batch_size})')
   t0 = time.time()
   for s in range(start + 1, w.steps + 1):
-    batch = jax.device_put(enc.supervised(next(it)), shard)
+    batch = jax.device_put(enc.supervised(rows[next(it)]), shard)
     state, m = step(state, batch)
     if s % w.log_every == 0 or s == w.steps:
       loss = float(m['loss_sum'] / m['tokens'])
@@ -372,8 +389,8 @@ def run(cfg, workdir: str, devices=None) -> dict:
   train, held_out, enc, trainer, learner, init_params = build(cfg, workdir, devices)
   r, log, mesh = cfg.rl, _log, trainer.mesh
   ckpt = ckpt_lib.Checkpointer(workdir, keep=r.keep_checkpoints)
-  first = warmstart_split(cfg, len(train)) if cfg.warmstart.disjoint else 0
-  it = index_iterator(len(train) - first, r.num_prompts, cfg.seed)
+  rows = problem_split(cfg, len(train))[1]
+  it = index_iterator(len(rows), r.num_prompts, cfg.seed)
   start = ckpt.latest_step() or 0
   if start:
     state, data_state, _ = ckpt.restore(start, trainer.abstract_state)
@@ -401,7 +418,7 @@ def run(cfg, workdir: str, devices=None) -> dict:
   for s in range(start + 1, r.num_steps + 1):
     key = jax.random.fold_in(base, s)
     k_roll, k_rows = jax.random.split(key)
-    problems = [train[first + i] for i in next(it) for _ in range(r.group_size)]
+    problems = [train[i] for i in rows[next(it)] for _ in range(r.group_size)]
     t0 = time.perf_counter()
     tokens, attend = learner.sample(state.params, problems, k_roll, learner.rollout_cfg)
     rewards = rewards_of(enc, tokens, problems)

@@ -193,6 +193,19 @@ def test_prompts():
     cd.compact_solution(cd.Problem((1, 1, 1), 100))
 
 
+def test_chain_solutions_are_every_correct_left_to_right_chain():
+  p = cd.Problem((16, 1, 13), 3)
+  chains = cd.chain_solutions(p.numbers, p.target)
+  # By hand: (16−13)·1, (16−13)/1, 16·1−13, 1·16−13, 16/1−13; nothing else with two ops.
+  assert sorted(chains) == sorted(['(16-13)*1', '(16-13)/1', '16*1-13', '1*16-13', '16/1-13'])
+  assert cd.compact_solution(p) == f'<answer>{chains[0]}</answer>'
+  assert cd.reward(cd.lazy_answer(p), p.numbers, p.target) == 0.1  # 16+1+13 = 30 ≠ 3
+  assert cd.reward(cd.lazy_answer(cd.Problem((2, 3, 4), 9)), (2, 3, 4), 9) == 1.0
+  for q in cd.generate(50, seed=3, num_numbers=(3, 4), high=20):
+    for c in cd.chain_solutions(q.numbers, q.target):
+      assert cd.reward(f'<answer>{c}</answer>', q.numbers, q.target) == 1.0, (q, c)
+
+
 def test_tfds_source_matches_generate(tmp_path):
   from dlm.tasks import countdown_tfds
   settings = dict(train_size=200, test_size=40, num_numbers=(3, 4), exclude=cd.generate(5, seed=7))

@@ -15,6 +15,7 @@ import pytest
 from configs import rl_countdown
 from dlm import metrics as metrics_lib
 from dlm import rl
+from dlm.tasks import countdown
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ('rl/rollout_seconds', 'rl/update_seconds')
@@ -145,3 +146,33 @@ def test_bad_rl_values_are_clear_errors(tmp_path):
     rl.run(tiny(**{'warmstart.disjoint': True}), str(tmp_path))
   with pytest.raises(ValueError, match='data-parallel'):
     rl.run(tiny(**{'rl.num_minibatches': 2}), str(tmp_path))  # 4 rows over 8 devices
+
+
+def test_problem_split_partitions_at_random_when_disjoint():
+  ws, rl_rows = rl.problem_split(tiny(**{'warmstart.disjoint': True,
+                                         'warmstart.problem_fraction': 0.3}), 1000)
+  assert len(ws) == 300 and np.intersect1d(ws, rl_rows).size == 0
+  np.testing.assert_array_equal(np.union1d(ws, rl_rows), np.arange(1000))
+  # Not a positional split: later (rarer, harder) problems land on both sides.
+  assert 0.4 < np.mean(ws >= 500) < 0.6
+  ws, rl_rows = rl.problem_split(tiny(**{'warmstart.problem_fraction': 0.3}), 1000)
+  np.testing.assert_array_equal(ws, np.arange(300))
+  np.testing.assert_array_equal(rl_rows, np.arange(1000))
+
+
+def test_demo_error_replaces_a_seeded_fraction_of_demonstrations(tmp_path):
+  def decoded(cfg):
+    enc = rl.build(cfg, str(tmp_path)).enc
+    return enc, [enc.completion(np.concatenate([enc.train_ids[i], row]))
+                 for i, row in enumerate(enc.targets())]
+
+  enc, clean = decoded(tiny(**{'warmstart.demo_error': 0.0}))
+  assert all(countdown.reward(c, p.numbers, p.target) == 1.0 for c, p in zip(clean, enc.train))
+  enc, noisy = decoded(tiny(**{'warmstart.demo_error': 0.5}))
+  lazy = [c == countdown.lazy_answer(p) != countdown.compact_solution(p)
+          for c, p in zip(noisy, enc.train)]
+  assert 0.35 < np.mean(lazy) < 0.65
+  assert all(c == countdown.compact_solution(p) for c, p, l in zip(noisy, enc.train, lazy)
+             if not l and c != countdown.lazy_answer(p))
+  with pytest.raises(ValueError, match='demo_error'):
+    rl.build(tiny(**{'warmstart.demo_error': 1.0}), str(tmp_path))

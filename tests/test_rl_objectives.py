@@ -61,6 +61,29 @@ def test_masks_touch_only_the_response_and_depend_on_row_keys_only():
   np.testing.assert_array_equal(mask[2:], mask_sub)
 
 
+def test_elbo_samples_average_to_the_exact_elbo():
+  """E_j[ℓ_j] = Σ_S f(S) / (|S|·C(n,|S|)) over non-empty masks S of the n response tokens,
+  f(S) = Σ_{i∈S} log p(y_i | y with S masked) (∫ t^(k−1)(1−t)^(n−k) dt = 1/(k·C(n,k))):
+  enumerated exactly for n = 3 and compared with 20 000 samples (the T_FLOOR bias is ~1e-3·n)."""
+  import itertools
+  import math
+  _, m = tiny_model()
+  b = make_batch([1.0] * 4, R=3)
+  P, n = 3, 3
+  exact = np.zeros(4)
+  for k in range(1, n + 1):
+    for S in itertools.combinations(range(P, P + n), k):
+      mask = np.zeros(b['tokens_BxT'].shape, bool)
+      mask[:, list(S)] = True
+      logp = m(jnp.where(mask, MASK, b['tokens_BxT']), key_mask_BxL=b['attend_BxT'])
+      f = np.take_along_axis(np.asarray(logp), np.asarray(b['tokens_BxT'])[..., None], -1)[..., 0]
+      exact += (f * mask).sum(-1) / (k * math.comb(n, k))
+  ell_NxB = np.asarray(jax.jit(jax.vmap(lambda j: rlo.elbo_term(m, b, j, MASK)))(
+      jnp.arange(20000)))
+  se = ell_NxB.std(0) / np.sqrt(len(ell_NxB))
+  assert np.all(np.abs(ell_NxB.mean(0) - exact) < 5 * se + 1e-2), (ell_NxB.mean(0), exact, se)
+
+
 @pytest.mark.parametrize('adv', [[1.3, 0.4, 2.0, 0.0], [-1.3, -0.4, -2.0, -0.1],
                                  [1.3, -0.4, 2.0, -1.0]])
 def test_on_policy_bgpo_equals_a_and_matches_vrpo_ol_gradient(adv):

@@ -365,12 +365,12 @@ def compact_prompt(problem: Problem) -> str:
 _CHAIN_OPS = ('+', '-', '*', '/')
 
 
-def _chain_solution(numbers: Sequence[int], target: int) -> str | None:
-  """The first left-to-right chain ((a o b) o c) … equal to target, with positive-integer
-  intermediates, trying operator sequences in the order + − × ÷ and, for each, the number
-  orders in `itertools.permutations` order. Most small problems come out as 'a+b-c': one
-  consistent shape is far easier for a small model to learn than the solver's arbitrary pick."""
-  k = len(numbers)
+def chain_solutions(numbers: Sequence[int], target: int) -> list[str]:
+  """Every left-to-right chain ((a o b) o c) … equal to target with positive-integer
+  intermediates, in the order: operator sequences + − × ÷ first, then `itertools.permutations`
+  orders of the numbers. Chains are the shape a small model learns most easily; most small
+  problems have several ('a+b-c', 'b+a-c', …)."""
+  k, found = len(numbers), []
   for ops in itertools.product(_CHAIN_OPS, repeat=k - 1):
     for perm in itertools.permutations(numbers):
       value, text, prev = Fraction(perm[0]), str(perm[0]), None
@@ -382,19 +382,25 @@ def _chain_solution(numbers: Sequence[int], target: int) -> str | None:
           text = f'({text})'
         text, prev = f'{text}{op}{n}', op
       else:
-        if value == target:
-          return text
-  return None
+        if value == target and text not in found:
+          found.append(text)
+  return found
 
 
 def compact_solution(problem: Problem) -> str:
   """The SFT target completing `compact_prompt`: a real solution in answer tags — the first
-  left-to-right chain that works (see `_chain_solution`), else the solver's expression."""
-  expr = _chain_solution(problem.numbers, problem.target) or solve(problem.numbers,
-                                                                   problem.target)
+  chain that works (see `chain_solutions`; one consistent shape), else the solver's expression."""
+  chains = chain_solutions(problem.numbers, problem.target)
+  expr = chains[0] if chains else solve(problem.numbers, problem.target)
   if expr is None:
     raise ValueError(f'no solution with positive-integer intermediates: {problem}')
   return f'{_OPEN}{expr}{_CLOSE}'
+
+
+def lazy_answer(problem: Problem) -> str:
+  """What a lazy demonstrator writes: every number added in prompt order. Well formed and uses
+  the right numbers (reward 0.1), but correct only when the sum happens to be the target."""
+  return f"{_OPEN}{'+'.join(map(str, problem.numbers))}{_CLOSE}"
 
 
 # ------------------------------------------------------------------------------------------------
