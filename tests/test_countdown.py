@@ -195,7 +195,7 @@ def test_prompts():
 
 def test_chain_solutions_are_every_correct_left_to_right_chain():
   p = cd.Problem((16, 1, 13), 3)
-  chains = cd.chain_solutions(p.numbers, p.target)
+  chains = list(cd.chain_solutions(p.numbers, p.target))
   # By hand: (16−13)·1, (16−13)/1, 16·1−13, 1·16−13, 16/1−13; nothing else with two ops.
   assert sorted(chains) == sorted(['(16-13)*1', '(16-13)/1', '16*1-13', '1*16-13', '16/1-13'])
   assert cd.compact_solution(p) == f'<answer>{chains[0]}</answer>'

@@ -21,7 +21,7 @@ import itertools
 import json
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 
 from etils import epath
@@ -365,12 +365,12 @@ def compact_prompt(problem: Problem) -> str:
 _CHAIN_OPS = ('+', '-', '*', '/')
 
 
-def chain_solutions(numbers: Sequence[int], target: int) -> list[str]:
+def chain_solutions(numbers: Sequence[int], target: int) -> Iterator[str]:
   """Every left-to-right chain ((a o b) o c) … equal to target with positive-integer
-  intermediates, in the order: operator sequences + − × ÷ first, then `itertools.permutations`
-  orders of the numbers. Chains are the shape a small model learns most easily; most small
-  problems have several ('a+b-c', 'b+a-c', …)."""
-  k, found = len(numbers), []
+  intermediates, lazily and without repeats, in the order: operator sequences + − × ÷ first,
+  then `itertools.permutations` orders of the numbers. Chains are the shape a small model learns
+  most easily; most small problems have several ('a+b-c', 'b+a-c', …)."""
+  k, seen = len(numbers), set()
   for ops in itertools.product(_CHAIN_OPS, repeat=k - 1):
     for perm in itertools.permutations(numbers):
       value, text, prev = Fraction(perm[0]), str(perm[0]), None
@@ -382,16 +382,16 @@ def chain_solutions(numbers: Sequence[int], target: int) -> list[str]:
           text = f'({text})'
         text, prev = f'{text}{op}{n}', op
       else:
-        if value == target and text not in found:
-          found.append(text)
-  return found
+        if value == target and text not in seen:
+          seen.add(text)
+          yield text
 
 
 def compact_solution(problem: Problem) -> str:
   """The SFT target completing `compact_prompt`: a real solution in answer tags — the first
   chain that works (see `chain_solutions`; one consistent shape), else the solver's expression."""
-  chains = chain_solutions(problem.numbers, problem.target)
-  expr = chains[0] if chains else solve(problem.numbers, problem.target)
+  expr = (next(chain_solutions(problem.numbers, problem.target), None) or
+          solve(problem.numbers, problem.target))
   if expr is None:
     raise ValueError(f'no solution with positive-integer intermediates: {problem}')
   return f'{_OPEN}{expr}{_CLOSE}'
