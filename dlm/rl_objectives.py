@@ -15,6 +15,12 @@ import jax.numpy as jnp
 
 OBJECTIVES = ('bgpo', 'vrpo_ol', 'diffu_grpo')
 T_FLOOR = 1e-3  # SPEC §5 choice: t_j ~ U[0, 1] floored, so 1/t_j stays bounded
+# Off-policy BGPO: beyond d = D_MAX the A < 0 term e^d·A continues along its tangent line, so
+# the weight on ∇ℓ_j never exceeds e^D_MAX·|A| ≈ 2.2e4·|A|. With |A| ≤ √(G−1) and the up to
+# 1/T_FLOOR = 1e3 already inside ∇ℓ_j, gradients stay many decades below float32 overflow even
+# squared for a global norm; a per-sample ratio e^10 is anyway far outside the region where the
+# bound is a useful surrogate (d_j carries the 1/t_j scale, so d ≈ 90 does occur).
+D_MAX = 10.0
 
 
 def group_advantages(rewards_PxG: jax.Array, *, scale: bool = True) -> jax.Array:
@@ -49,10 +55,22 @@ def elbo_term(model, batch, j, mask_id: int) -> jax.Array:
 
 
 def bgpo_terms(ell_B, ell_old_B, adv_B) -> jax.Array:
-  """n_t · g_j of SPEC §5: (1 + d)·A for A ≥ 0 (e^d ≥ 1 + d), e^d·A for A < 0 (Jensen);
-  their mean over j is the lower bound R_lb ≤ exp(B̂_θ − B̂_old)·A."""
+  """n_t · g_j of SPEC §5: (1 + d)·A for A ≥ 0 (e^d ≥ 1 + d), e^d·A for A < 0 (Jensen); their
+  mean over j is the lower bound R_lb ≤ exp(B̂_θ − B̂_old)·A.
+
+  Finite value and gradient for any finite d (off-policy d can reach ~90 when t_j ≈ T_FLOOR):
+  - the exponential only ever sees d on A < 0 rows (0 elsewhere): with a plain where, an
+    overflowing unused branch turns the gradient into 0·inf = NaN;
+  - for d > D_MAX, e^d is replaced by its tangent line at D_MAX, e^D_MAX·(1 + d − D_MAX):
+    continuous, convex and monotone, slope capped at e^D_MAX. The tangent lies below e^d, so
+    the A < 0 term is then ≥ e^d·A and R_lb ≤ R̂ is guaranteed only while every d_j ≤ D_MAX.
+  Identical to the SPEC formula (bit for bit at d = 0, the on-policy case) for d ≤ D_MAX."""
   d = ell_B - ell_old_B
-  return jnp.where(adv_B >= 0, (1.0 + d) * adv_B, jnp.exp(d) * adv_B)
+  neg = adv_B < 0
+  d_neg = jnp.where(neg, d, 0.0)
+  # e^min(d, c)·(1 + max(d − c, 0)) is e^d below c and the tangent at c above it.
+  exp_or_tangent = jnp.exp(jnp.minimum(d_neg, D_MAX)) * (1.0 + jnp.maximum(d_neg - D_MAX, 0.0))
+  return jnp.where(neg, exp_or_tangent * adv_B, (1.0 + d) * adv_B)
 
 
 def bgpo_loss(mask_id: int, off_policy: bool):

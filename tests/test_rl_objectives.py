@@ -166,3 +166,97 @@ def test_diffu_grpo_on_policy_gradient_is_advantage_weighted_logprob_gradient():
   g_ref = jax.grad(ref)(params)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+D_GRID = np.unique(np.concatenate([
+    np.linspace(-200.0, 200.0, 801), [0.0, -1e-3, 1e-3, 88.0, 88.5, 88.72, 89.0, 89.5, 90.0],
+    rlo.D_MAX + np.array([-1.0, -1e-2, -1e-4, 0.0, 1e-4, 1e-2, 1.0])])).astype(np.float32)
+
+
+@pytest.mark.parametrize('a', [1.7, 0.3, 0.0, -0.3, -1.7, -2.6])
+def test_bgpo_terms_are_finite_and_exact_up_to_d_max(a):
+  """Value and ∂/∂d finite on d ∈ [−200, 200]; the SPEC formula (float64 reference) up to D_MAX,
+  e^D_MAX's tangent line beyond it, which for A < 0 lies above e^d·A (the bound loosens)."""
+  d = jnp.asarray(D_GRID)
+  adv = jnp.full_like(d, a)
+  value = np.asarray(jax.jit(rlo.bgpo_terms)(d, jnp.zeros_like(d), adv))
+  grad = np.asarray(jax.jit(jax.grad(lambda d: rlo.bgpo_terms(d, 0.0 * d, adv).sum()))(d))
+  assert np.all(np.isfinite(value)) and np.all(np.isfinite(grad))
+  d64, c = D_GRID.astype(np.float64), rlo.D_MAX
+  if a >= 0:  # linear everywhere: the clamp never touches A ≥ 0 rows
+    np.testing.assert_allclose(value, (1 + d64) * a, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(grad, np.float32(a))
+    return
+  inside = d64 <= c
+  np.testing.assert_allclose(value[inside], np.exp(d64[inside]) * a, rtol=1e-5, atol=1e-30)
+  np.testing.assert_allclose(grad[inside], np.exp(d64[inside]) * a, rtol=1e-5, atol=1e-30)
+  tangent = np.exp(c) * (1 + d64[~inside] - c) * a
+  np.testing.assert_allclose(value[~inside], tangent, rtol=1e-5)
+  np.testing.assert_allclose(grad[~inside], np.exp(c) * a, rtol=1e-5)
+  assert np.all(value[~inside] >= np.exp(d64[~inside]) * a)  # float64 e^d: no overflow to −inf
+  past = d64 >= c + 1  # strictly looser once the curvature gap is first order
+  assert np.all(value[past] > np.exp(d64[past]) * a * (1 - 1e-3))
+  assert np.all(np.diff(value) <= 0) and np.all(np.diff(grad) <= 0)  # monotone, concave in d
+
+
+def test_bgpo_terms_on_policy_is_bit_exact_spec_formula():
+  """d = 0 (on-policy): same value and gradient bits as the unclamped SPEC expression."""
+  ell = jnp.linspace(-300.0, -1.0, 7)
+  adv = jnp.array([1.3, -0.4, 0.0, -2.0, 0.7, -1e-3, 2.5])
+
+  def spec(ell):
+    d = ell - jax.lax.stop_gradient(ell)
+    return jnp.where(adv >= 0, (1.0 + d) * adv, jnp.exp(d) * adv)
+
+  def ours(ell):
+    return rlo.bgpo_terms(ell, jax.lax.stop_gradient(ell), adv)
+
+  np.testing.assert_array_equal(ours(ell), spec(ell))
+  w = jnp.arange(1.0, 8.0)
+  np.testing.assert_array_equal(jax.grad(lambda e: (w * ours(e)).sum())(ell),
+                                jax.grad(lambda e: (w * spec(e)).sum())(ell))
+  np.testing.assert_array_equal(jax.grad(lambda e: (w * ours(e)).sum())(ell), w * adv)
+
+
+def test_off_policy_bgpo_loss_is_finite_far_from_theta_old():
+  """θ far from θ_old, for mixed / all-positive / all-negative advantages: (a) ℓ_old shifted by
+  −150, so every d_j = 150 (past exp's float32 overflow at ~88.7): ∇ must be exactly that of the
+  linear surrogate with weights A (A ≥ 0) and e^D_MAX·A (A < 0); (b) θ_old and θ differ by large
+  parameter noise, in both directions, so d_j spreads over ± hundreds."""
+  _, m = tiny_model()
+  gdef, params = nnx.split(m)
+  far = nnx.split(perturbed(m, scale=3.0, seed=11))[1]
+  loss = rlo.bgpo_loss(MASK, off_policy=True)
+  all_terms = jax.jit(lambda p, b: old_terms(nnx.merge(gdef, p), b))
+
+  @jax.jit
+  def value_and_grad(p, b):
+    return jax.value_and_grad(
+        lambda p: sum(loss(nnx.merge(gdef, p), b, None, j)[0] for j in range(N_T)) / N_T)(p)
+
+  surrogate_grad = jax.jit(jax.grad(lambda p, b, w: -(w * all_terms(p, b)).mean()))
+
+  def check(value, grads):
+    assert np.isfinite(float(value))
+    leaves = jax.tree.leaves(grads)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in leaves)
+    assert max(float(jnp.abs(g).max()) for g in leaves) > 1e-3
+
+  for adv in ([1.5, -0.5, 0.7, -2.0], [1.5, 0.5, 0.7, 2.0], [-1.5, -0.5, -0.7, -2.0]):
+    batch = make_batch(adv)
+    ell_old, ell_far = all_terms(params, batch), all_terms(far, batch)
+
+    value, grads = value_and_grad(params, dict(batch, ell_old_BxN=ell_old - 150.0))
+    check(value, grads)
+    a = batch['adv_B'][:, None]
+    w = jnp.where(a < 0, np.exp(rlo.D_MAX) * a, a)
+    expected = -jnp.mean(jnp.where(a < 0, w * (1 + 150.0 - rlo.D_MAX), (1 + 150.0) * a))
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    g_ref = surrogate_grad(params, batch, jnp.broadcast_to(w, ell_old.shape))
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(g_ref)):
+      np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()) + 1e-7)
+
+    assert float((ell_far - ell_old).min()) < -89.0  # θ_old → θ_far: d ≪ 0 (e^d underflows)
+    assert float((ell_old - ell_far).max()) > 89.0  # θ_far → θ_old: the old formula overflowed
+    check(*value_and_grad(far, dict(batch, ell_old_BxN=ell_old)))
+    check(*value_and_grad(params, dict(batch, ell_old_BxN=ell_far)))
