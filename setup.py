@@ -7,6 +7,7 @@ setup(
                 'fast samplers and BGPO reinforcement learning.',
     python_requires='>=3.10',
     packages=find_packages(include=['dlm', 'dlm.*', 'configs']),
+    package_data={'dlm.tasks': ['data/*']},
     install_requires=[
         'jax==0.10.2',
         'jaxlib==0.10.2',

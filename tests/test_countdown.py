@@ -3,13 +3,14 @@ and its tfds data source."""
 import json
 import time
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
 from dlm.tasks import countdown as cd
+from dlm.tasks import countdown_reward
+from dlm.tasks import data_file
 
-D1_TEST = Path(__file__).resolve().parents[2] / 'shared/data/countdown_cd3_test.jsonl'
+D1_TEST = data_file('countdown_cd3_test.jsonl')  # packaged copy of d1's test set
 NUMS, TARGET = (30, 100, 93), 23  # 93-(100-30) = 23
 
 
@@ -50,6 +51,8 @@ def r(answer, numbers=NUMS, target=TARGET):
 ])
 def test_reward_cases(answer, expected):
   assert r(answer) == expected
+  completion = f'<answer>{answer}</answer>'
+  assert countdown_reward.reward_strict(completion, NUMS, TARGET) == expected
 
 
 def test_reward_multi_digit_numbers_are_single_numbers():
@@ -99,6 +102,15 @@ def test_reward_huge_inputs_are_bounded_and_never_raise():
 def test_reward_catch_all():
   assert cd.reward('<answer>1+2</answer>', ('x', 2), 3) == 0.1  # bad problem: still no exception
   assert cd.reward('<answer>1+2</answer>', (1, 2), object()) == 0.1
+  assert cd.score_answer('1+2', (1, 2), object()) == 0.1
+  # The strict scorer lets such bugs through (for `base.score` to count), but still scores
+  # every hostile completion.
+  with pytest.raises(ValueError):
+    countdown_reward.reward_strict('<answer>1+2</answer>', ('x', 2), 3)
+  with pytest.raises(TypeError):
+    countdown_reward.reward_strict('<answer>1+2</answer>', (1, 2), object())
+  for completion in (None, b'<answer>1+2</answer>', '<answer>' + '(' * 10_000 + '</answer>'):
+    assert countdown_reward.reward_strict(completion, (1, 2), 3) in (0.0, 0.1)
 
 
 def test_extract_answer_precedence():
@@ -199,8 +211,6 @@ def test_chain_solutions_are_every_correct_left_to_right_chain():
   # By hand: (16−13)·1, (16−13)/1, 16·1−13, 1·16−13, 16/1−13; nothing else with two ops.
   assert sorted(chains) == sorted(['(16-13)*1', '(16-13)/1', '16*1-13', '1*16-13', '16/1-13'])
   assert cd.compact_solution(p) == f'<answer>{chains[0]}</answer>'
-  assert cd.reward(cd.lazy_answer(p), p.numbers, p.target) == 0.1  # 16+1+13 = 30 ≠ 3
-  assert cd.reward(cd.lazy_answer(cd.Problem((2, 3, 4), 9)), (2, 3, 4), 9) == 1.0
   for q in cd.generate(50, seed=3, num_numbers=(3, 4), high=20):
     for c in cd.chain_solutions(q.numbers, q.target):
       assert cd.reward(f'<answer>{c}</answer>', q.numbers, q.target) == 1.0, (q, c)

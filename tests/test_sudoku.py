@@ -1,11 +1,10 @@
 """4×4 Sudoku: the 288 grids, the split by solution grid, the generator, d1's CSV and the reward."""
-from pathlib import Path
-
 import pytest
 
+from dlm.tasks import data_file
 from dlm.tasks import sudoku
 
-D1_CSV = Path(__file__).resolve().parents[2] / 'shared/data/4x4_test_sudoku.csv'
+D1_CSV = data_file('4x4_test_sudoku.csv')  # packaged copy of d1's test puzzles
 PUZZLE, SOLUTION = '3102200002100320', '3142243142131324'  # d1's first test row
 
 
@@ -69,6 +68,13 @@ def test_reward_hostile_inputs_never_raise():
     assert 0.0 <= sudoku.reward(completion, PUZZLE, SOLUTION) <= 1.0
   assert sudoku.reward(f'<answer>{SOLUTION}</answer>', None, SOLUTION) == 0.0
   assert sudoku.reward(f'<answer>{SOLUTION}</answer>', PUZZLE[:5], SOLUTION) == 0.0
+  # The strict scorer raises on a malformed problem (a bug) but scores any completion.
+  for puzzle in (None, PUZZLE[:5], PUZZLE + '0'):
+    with pytest.raises(ValueError, match='malformed'):
+      sudoku.reward_strict(f'<answer>{SOLUTION}</answer>', puzzle, SOLUTION)
+  for completion in (None, b'<answer>1</answer>', '<answer>' + '1' * 10**6):
+    assert sudoku.reward_strict(completion, PUZZLE, SOLUTION) == sudoku.reward(
+        completion, PUZZLE, SOLUTION)
 
 
 def test_split_by_grid_and_generate():

@@ -1,18 +1,14 @@
-"""Countdown (SPEC §6.1): problems, an exhaustive solver, a generator, prompts and a safe reward.
+"""Countdown (SPEC §6.1): problems, an exhaustive solver, a generator, prompts and the `Task`.
 
-Plain Python on the host; no JAX. The reward is a pure function of text and never executes model
-output: answers are tokenized over a fixed ASCII alphabet and evaluated by a small depth-limited
-recursive-descent parser over `fractions.Fraction`, so a hostile completion costs bounded time and
-memory and always yields 0.0, 0.1 or 1.0.
+Plain Python on the host; no JAX (tfds only inside `CountdownTask.problems`). The reward lives in
+`countdown_reward` (never executes model output) and is re-exported here, so `countdown.reward`
+stays the DESIGN §3 contract.
 
 Choices (where SPEC leaves room):
   * Solver and generator use positive-integer intermediates (every sub-expression is an integer
     ≥ 1). All 256 d1 test problems are solvable that way; `solve(..., positive_integers=False)`
     searches over all rationals instead.
-  * The reward evaluates any parseable expression exactly (intermediates may be fractions or
-    negative), as d1 does with real division; only the *final* value is compared to the target.
-  * No unary minus or plus, no leading zeros ("05"), no decimal point, no `**` or `//`.
-  * Limits: answer ≤ 1 000 characters, parenthesis depth ≤ 64, ≤ 32 numbers, ≤ 12 digits each.
+  * The reward accepts any parseable expression (see `countdown_reward` for its rules and limits).
 """
 from __future__ import annotations
 
@@ -20,23 +16,23 @@ import dataclasses
 import itertools
 import json
 import random
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 
 from etils import epath
 
-MAX_ANSWER_CHARS = 1000
-MAX_DEPTH = 64
-MAX_NUMBERS = 32
-MAX_DIGITS = 12
+from dlm.errors import ConfigError, DataError, MissingFileError
+from dlm.tasks import base
+from dlm.tasks.countdown_reward import evaluate, extract_answer, last_answer, reward, score_answer
+from dlm.tasks.countdown_reward import reward_strict
 
+__all__ = ['Problem', 'solve', 'generate', 'd1_prompt', 'compact_prompt', 'chain_solutions',
+           'compact_solution', 'lazy_answer', 'load_d1_test', 'CountdownTask', 'D1_TEST_FILE',
+           # re-exported from countdown_reward (public contract)
+           'reward', 'last_answer', 'extract_answer', 'evaluate', 'score_answer']
+
+D1_TEST_FILE = 'countdown_cd3_test.jsonl'  # in dlm/tasks/data: `task.eval_file='d1'`
 _OPEN, _CLOSE = '<answer>', '</answer>'
-_BOXED = '\\boxed{'
-_DIGITS = frozenset('0123456789')
-_ASCII_SPACE = ' \t\n\r\f\v'
-_SPACE = frozenset(_ASCII_SPACE)
-_TOLERANCE = Fraction(1, 100_000)
 _MAX_MISSES = 20_000
 
 
@@ -49,181 +45,6 @@ class Problem:
   def key(self) -> tuple[tuple[int, ...], int]:
     """Identity for dedup and train/test disjointness: the order of the numbers does not matter."""
     return tuple(sorted(self.numbers)), self.target
-
-
-# ------------------------------------------------------------------------------------------------
-# Answer extraction
-
-
-def last_answer(completion: str) -> str | None:
-  """Stripped content of the last complete `<answer>…</answer>`, or None.
-
-  The last `<answer>` that is followed by a `</answer>`, up to the first `</answer>` after it
-  (d1's `re.findall(r'<answer>(.*?)</answer>')[-1]` except for nested opening tags). Uses only
-  `str.rfind`/`find`, so it is linear in the completion's length.
-  """
-  if not isinstance(completion, str):
-    return None
-  close = completion.rfind(_CLOSE)
-  if close < 0:
-    return None
-  start = completion.rfind(_OPEN, 0, close)
-  if start < 0:
-    return None
-  start += len(_OPEN)
-  return completion[start:completion.find(_CLOSE, start)].strip(_ASCII_SPACE)
-
-
-def _last_boxed(text: str) -> str | None:
-  """Content of the last `\\boxed{…}` with balanced braces, or None."""
-  start = text.rfind(_BOXED)
-  if start < 0:
-    return None
-  depth, i = 1, start + len(_BOXED)
-  for j in range(i, len(text)):
-    depth += {'{': 1, '}': -1}.get(text[j], 0)
-    if depth == 0:
-      return text[i:j].strip(_ASCII_SPACE)
-  return None
-
-
-def extract_answer(completion: str) -> str | None:
-  """The expression a completion proposes, for evaluation parsing.
-
-  Precedence: the last `<answer>` block (what `reward` scores); if that block holds a `\\boxed{…}`
-  (d1's evaluation prompts ask for `<answer>\\boxed{…}</answer>`), its content; with no complete
-  answer block, the last `\\boxed{…}` anywhere. None if there is neither.
-  """
-  if not isinstance(completion, str):
-    return None
-  answer = last_answer(completion)
-  if answer is not None:
-    boxed = _last_boxed(answer)
-    return answer if boxed is None else boxed
-  return _last_boxed(completion)
-
-
-# ------------------------------------------------------------------------------------------------
-# Safe evaluation
-
-
-class _Invalid(Exception):
-  """The answer is present but is not an acceptable expression: reward 0.1."""
-
-
-def _tokenize(expr: str) -> list:
-  """ints and one-character operator strings; raises _Invalid outside the allowed alphabet."""
-  if len(expr) > MAX_ANSWER_CHARS or '**' in expr or '//' in expr:
-    raise _Invalid
-  tokens, i, n = [], 0, len(expr)
-  while i < n:
-    c = expr[i]
-    if c in _DIGITS:
-      j = i
-      while j < n and expr[j] in _DIGITS:
-        j += 1
-      if j - i > MAX_DIGITS or (c == '0' and j - i > 1):
-        raise _Invalid
-      tokens.append(int(expr[i:j]))
-      i = j
-    elif c in '+-*/()':
-      tokens.append(c)
-      i += 1
-    elif c in _SPACE:
-      i += 1
-    else:
-      raise _Invalid
-  return tokens
-
-
-class _Parser:
-  """expr := term (('+'|'-') term)* ; term := factor (('*'|'/') factor)* ; factor := INT | (expr).
-
-  Recursion only happens at '(' and is cut at MAX_DEPTH, so Python's stack is never at risk.
-  """
-
-  def __init__(self, tokens: list):
-    self.tokens, self.i = tokens, 0
-
-  def peek(self):
-    return self.tokens[self.i] if self.i < len(self.tokens) else None
-
-  def parse(self) -> Fraction:
-    value = self.expr(0)
-    if self.i != len(self.tokens):
-      raise _Invalid
-    return value
-
-  def expr(self, depth: int) -> Fraction:
-    value = self.term(depth)
-    while self.peek() in ('+', '-'):
-      op = self.tokens[self.i]
-      self.i += 1
-      rhs = self.term(depth)
-      value = value + rhs if op == '+' else value - rhs
-    return value
-
-  def term(self, depth: int) -> Fraction:
-    value = self.factor(depth)
-    while self.peek() in ('*', '/'):
-      op = self.tokens[self.i]
-      self.i += 1
-      rhs = self.factor(depth)
-      if op == '*':
-        value *= rhs
-      elif rhs == 0:
-        raise _Invalid
-      else:
-        value /= rhs
-    return value
-
-  def factor(self, depth: int) -> Fraction:
-    token = self.peek()
-    if isinstance(token, int):
-      self.i += 1
-      return Fraction(token)
-    if token != '(' or depth >= MAX_DEPTH:
-      raise _Invalid  # includes unary minus/plus, a missing operand and too deep nesting
-    self.i += 1
-    value = self.expr(depth + 1)
-    if self.peek() != ')':
-      raise _Invalid
-    self.i += 1
-    return value
-
-
-def evaluate(expr: str) -> Fraction | None:
-  """Exact value of an answer expression under the reward's rules, or None if it is rejected."""
-  try:
-    return _Parser(_tokenize(expr)).parse()
-  except _Invalid:
-    return None
-
-
-def score_answer(answer: str | None, numbers: Sequence[int], target: int) -> float:
-  """0.0 for no answer; 1.0 if `answer` uses exactly `numbers` and equals `target`; else 0.1."""
-  if answer is None:
-    return 0.0
-  try:
-    tokens = _tokenize(answer)
-    used = [t for t in tokens if isinstance(t, int)]
-    # The multiset check comes first, so only the problem's own numbers are ever multiplied.
-    if len(used) > MAX_NUMBERS or Counter(used) != Counter(int(n) for n in numbers):
-      return 0.1
-    value = _Parser(tokens).parse()
-    return 1.0 if abs(value - Fraction(target)) < _TOLERANCE else 0.1
-  except Exception:  # _Invalid by design; anything else would be a bug, still never raise
-    return 0.1
-
-
-def reward(completion: str, numbers: Sequence[int], target: int) -> float:
-  """SPEC §6.1 / DESIGN §3: 0.0 without an `<answer>` block, 1.0 if its last one is a correct
-  expression, 0.1 otherwise. Never raises, never executes the completion."""
-  try:
-    answer = last_answer(completion)
-  except Exception:
-    return 0.0
-  return score_answer(answer, numbers, target)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,9 +134,9 @@ def generate(n: int, *, seed: int, num_numbers: int | Sequence[int] = (3,), low:
   """
   counts = (num_numbers,) if isinstance(num_numbers, int) else tuple(num_numbers)
   if not counts or any(not 1 <= k <= 6 for k in counts):
-    raise ValueError(f'num_numbers must be counts in [1, 6], got {num_numbers!r}')
+    raise ConfigError(f'num_numbers must be counts in [1, 6], got {num_numbers!r}')
   if not 1 <= low <= high:
-    raise ValueError(f'need 1 <= low <= high, got low={low}, high={high}')
+    raise ConfigError(f'need 1 <= low <= high, got low={low}, high={high}')
   if n < 0:
     raise ValueError(f'n must be >= 0, got {n}')
   rng = random.Random(seed)
@@ -325,7 +146,7 @@ def generate(n: int, *, seed: int, num_numbers: int | Sequence[int] = (3,), low:
   while len(problems) < n:
     misses += 1
     if misses > _MAX_MISSES:
-      raise ValueError(f'found only {len(problems)} of {n} distinct problems with '
+      raise ConfigError(f'found only {len(problems)} of {n} distinct problems with '
                        f'num_numbers={counts}, range [{low}, {high}]; widen the range')
     numbers = [rng.randint(low, high) for _ in range(rng.choice(counts))]
     target = _random_tree_value(numbers, rng)
@@ -397,12 +218,6 @@ def compact_solution(problem: Problem) -> str:
   return f'{_OPEN}{expr}{_CLOSE}'
 
 
-def lazy_answer(problem: Problem) -> str:
-  """What a lazy demonstrator writes: every number added in prompt order. Well formed and uses
-  the right numbers (reward 0.1), but correct only when the sum happens to be the target."""
-  return f"{_OPEN}{'+'.join(map(str, problem.numbers))}{_CLOSE}"
-
-
 # ------------------------------------------------------------------------------------------------
 # d1 test file
 
@@ -411,7 +226,7 @@ def load_d1_test(path) -> list[Problem]:
   """d1's Countdown test file: one `{"input": "30,100,93", "output": "23"}` per line."""
   path = epath.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f'Countdown test file not found: {path}')
+    raise MissingFileError(f'Countdown test file not found: {path}')
   problems = []
   for lineno, line in enumerate(path.read_text().splitlines(), start=1):
     if not line.strip():
@@ -421,7 +236,50 @@ def load_d1_test(path) -> list[Problem]:
       numbers = tuple(int(x) for x in str(record['input']).split(','))
       target = int(record['output'])
     except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f'{path}:{lineno}: expected {{"input": "a,b,c", "output": "T"}}, '
+      raise DataError(f'{path}:{lineno}: expected {{"input": "a,b,c", "output": "T"}}, '
                        f'got {line[:200]!r} ({e})') from None
     problems.append(Problem(numbers, target))
   return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# Task protocol
+
+
+class CountdownTask:
+  """Countdown as a `base.Task`. task_cfg keys: the shared ones and `num_numbers` (int or counts),
+  `low`, `high` (numbers and targets lie in [low, high])."""
+  name = 'countdown'
+
+  def problems(self, task_cfg, *, seed: int, data_dir) -> tuple[list[Problem], list[Problem]]:
+    """Training problems from the tfds source under `data_dir` (train_seed=seed,
+    test_seed=seed + 1), disjoint from the held-out ones: the eval file's if one is set, else
+    the source's generated test split."""
+    from dlm.tasks import countdown_tfds  # tfds only here, so the reward path never imports it
+    path = base.eval_path(task_cfg['eval_file'], D1_TEST_FILE)
+    held_out = load_d1_test(path) if path else None
+    counts = task_cfg['num_numbers']
+    settings = dict(train_size=task_cfg['train_size'], test_size=task_cfg['test_size'],
+                    train_seed=seed, test_seed=seed + 1, low=task_cfg['low'],
+                    high=task_cfg['high'],
+                    num_numbers=counts if isinstance(counts, int) else tuple(counts))
+
+    def read(split, exclude):
+      source = countdown_tfds.data_source(data_dir, split, exclude=exclude, **settings)
+      return [countdown_tfds.problem(source[i]) for i in range(len(source))]
+
+    train = read('train', held_out or ())
+    return train, held_out if held_out is not None else read('test', ())
+
+  def prompt(self, problem: Problem, style: str) -> str:
+    base.check_style(style)
+    return d1_prompt(problem) if style == 'd1' else compact_prompt(problem)
+
+  def demonstration(self, problem: Problem) -> str:
+    return compact_solution(problem)
+
+  def reward(self, completion: str, problem: Problem) -> float:
+    return reward_strict(completion, problem.numbers, problem.target)
+
+  def answer(self, completion: str) -> str | None:
+    return extract_answer(completion)

@@ -3,7 +3,7 @@
 Plain Python on the host; no JAX. Puzzles and solutions are 16-character strings read row by row,
 '0' = empty. Only 288 valid 4×4 grids exist, so a split by puzzle leaks solutions (d1's 500 test
 puzzles share 229 grids with its training puzzles); `split_grids` splits the grids themselves and
-`generate` draws puzzles from one side only.
+`generate` draws puzzles from one side only. `SudokuTask` is the `base.Task`.
 """
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from dlm.tasks.countdown import last_answer
+from dlm.errors import ConfigError, DataError, MissingFileError
+from dlm.tasks import base
+from dlm.tasks.countdown_reward import last_answer
 
 SIZE = 16
+D1_TEST_FILE = '4x4_test_sudoku.csv'  # in dlm/tasks/data: `task.eval_file='d1'`
 _UNITS = ([[4 * r + c for c in range(4)] for r in range(4)] +  # rows
           [[4 * r + c for r in range(4)] for c in range(4)] +  # columns
           [[4 * (br + r) + bc + c for r in range(2) for c in range(2)]
@@ -72,7 +75,7 @@ def split_grids(*, seed: int = 0, num_test: int = 58,
   excluded = set(exclude)
   grids = [g for g in solution_grids() if g not in excluded]
   if not 0 <= num_test <= len(grids):
-    raise ValueError(f'num_test must be in [0, {len(grids)}], got {num_test}')
+    raise ConfigError(f'num_test must be in [0, {len(grids)}], got {num_test}')
   random.Random(seed).shuffle(grids)
   return sorted(grids[num_test:]), sorted(grids[:num_test])
 
@@ -87,15 +90,15 @@ def generate(n: int, *, seed: int, grids: Sequence[str], num_empty: int | Sequen
   """
   counts = (num_empty,) if isinstance(num_empty, int) else tuple(num_empty)
   if not grids or any(not is_valid_grid(g) for g in grids):
-    raise ValueError('grids must be a non-empty list of valid 4x4 solution grids')
+    raise ConfigError('grids must be a non-empty list of valid 4x4 solution grids')
   if not counts or any(not 1 <= k <= SIZE for k in counts):
-    raise ValueError(f'num_empty must be counts in [1, 16], got {num_empty!r}')
+    raise ConfigError(f'num_empty must be counts in [1, 16], got {num_empty!r}')
   rng, seen, puzzles = random.Random(seed), set(), []
   misses = 0  # consecutive draws without a new puzzle: the settings admit no more
   while len(puzzles) < n:
     misses += 1
     if misses > 20_000:
-      raise ValueError(f'found only {len(puzzles)} of {n} distinct puzzles from {len(grids)} grids')
+      raise ConfigError(f'found only {len(puzzles)} of {n} distinct puzzles from {len(grids)} grids')
     grid = rng.choice(grids)
     empty = set(rng.sample(range(SIZE), rng.choice(counts)))
     puzzle = ''.join('0' if i in empty else c for i, c in enumerate(grid))
@@ -111,16 +114,16 @@ def load_d1_csv(path) -> list[Puzzle]:
   """d1's Sudoku CSV: header `Puzzle,Solution`, then 16-character strings per row."""
   path = epath.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f'Sudoku CSV not found: {path}')
+    raise MissingFileError(f'Sudoku CSV not found: {path}')
   rows = list(csv.reader(io.StringIO(path.read_text())))
   if not rows or [h.strip() for h in rows[0]] != ['Puzzle', 'Solution']:
-    raise ValueError(f'{path}:1: expected header "Puzzle,Solution"')
+    raise DataError(f'{path}:1: expected header "Puzzle,Solution"')
   puzzles = []
   for lineno, row in enumerate(rows[1:], start=2):
     if not row:
       continue
     if len(row) != 2 or not all(len(x) == SIZE and x.isascii() and x.isdigit() for x in row):
-      raise ValueError(f'{path}:{lineno}: expected two 16-digit strings, got {row!r}')
+      raise DataError(f'{path}:{lineno}: expected two 16-digit strings, got {row!r}')
     puzzles.append(Puzzle(*row))
   return puzzles
 
@@ -163,22 +166,80 @@ def compact_solution(puzzle: Puzzle) -> str:
   return f'<answer>{puzzle.solution}</answer>'
 
 
+def _answer_digits(completion: str) -> str | None:
+  """The first 16 ASCII digits of the last `<answer>` block (anything else dropped), or None."""
+  answer = last_answer(completion)
+  if answer is None:
+    return None
+  return ''.join(itertools.islice((c for c in answer if '0' <= c <= '9'), SIZE))
+
+
+def reward_strict(completion: str, puzzle: str, solution: str) -> float:
+  """`reward` for callers that count bugs (`base.score`): the same value for every completion,
+  but a malformed puzzle or solution raises instead of scoring 0.0."""
+  if not (isinstance(puzzle, str) and isinstance(solution, str) and
+          len(puzzle) == len(solution) == SIZE):
+    raise ValueError(f'malformed problem: puzzle={puzzle!r:.40}, solution={solution!r:.40}')
+  digits = _answer_digits(completion)
+  empty = [i for i in range(SIZE) if puzzle[i] == '0']
+  if not digits or not empty:
+    return 0.0
+  digits = digits.ljust(SIZE, '0')
+  return sum(digits[i] == solution[i] for i in empty) / len(empty)
+
+
 def reward(completion: str, puzzle: str, solution: str) -> float:
   """Fraction of the puzzle's empty cells that the last `<answer>` block fills correctly.
 
   The answer's ASCII digits (anything else is dropped) are padded with '0' / truncated to 16,
   as in d1. 0.0 without an answer block, for an empty one, or for a puzzle with no empty cells.
-  Never raises.
+  Never raises (a malformed problem also scores 0.0).
   """
   try:
-    answer = last_answer(completion)
-    if not answer:
-      return 0.0
-    digits = ''.join(itertools.islice((c for c in answer if '0' <= c <= '9'), SIZE))
-    digits = digits.ljust(SIZE, '0')
-    empty = [i for i in range(SIZE) if puzzle[i] == '0']
-    if not empty:
-      return 0.0
-    return sum(digits[i] == solution[i] for i in empty) / len(empty)
+    return reward_strict(completion, puzzle, solution)
   except Exception:
     return 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Task protocol
+
+
+class SudokuTask:
+  """4×4 Sudoku as a `base.Task`. task_cfg keys: the shared ones, `num_empty` (empty cells per
+  puzzle: int or counts) and `test_grids` (solution grids held out when eval_file is '')."""
+  name = 'sudoku'
+
+  def problems(self, task_cfg, *, seed: int, data_dir) -> tuple[list[Puzzle], list[Puzzle]]:
+    """Split by solution grid (SPEC §6.2). With an eval file, its puzzles are held out and training
+    draws only from grids that solve none of them (a puzzle with several solutions rules out
+    each); else `split_grids(seed=seed)` and `generate` from each side (train seed, test seed + 1).
+    Generated in memory (milliseconds), so `data_dir` is unused."""
+    del data_dir
+    num_empty = task_cfg['num_empty']
+    num_empty = num_empty if isinstance(num_empty, int) else tuple(num_empty)
+    path = base.eval_path(task_cfg['eval_file'], D1_TEST_FILE)
+    if path:
+      held_out = load_d1_csv(path)
+      taken = {p.solution for p in held_out}.union(*(solutions(p.puzzle) for p in held_out))
+      train_grids = [g for g in solution_grids() if g not in taken]
+    else:
+      train_grids, test_grids = split_grids(seed=seed, num_test=task_cfg['test_grids'])
+      held_out = generate(task_cfg['test_size'], seed=seed + 1, grids=test_grids,
+                          num_empty=num_empty)
+    train = generate(task_cfg['train_size'], seed=seed, grids=train_grids, num_empty=num_empty)
+    return train, held_out
+
+  def prompt(self, problem: Puzzle, style: str) -> str:
+    base.check_style(style)
+    return d1_prompt(problem) if style == 'd1' else compact_prompt(problem)
+
+  def demonstration(self, problem: Puzzle) -> str:
+    return compact_solution(problem)
+
+  def reward(self, completion: str, problem: Puzzle) -> float:
+    return reward_strict(completion, problem.puzzle, problem.solution)
+
+  def answer(self, completion: str) -> str | None:
+    """The digits `reward` scores (first 16 of the last answer block, unpadded), or None."""
+    return _answer_digits(completion)
