@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5
   m.dropout = 0.0
   m.param_dtype = 'float32'
-  m.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
+  m.dtype = 'auto'  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
   m.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs) | 'dots_no_batch'
 
   c.diffusion = d = ml_collections.ConfigDict()

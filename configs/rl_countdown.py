@@ -9,78 +9,17 @@ Change the objective with `--config.rl.objective=vrpo_ol|diffu_grpo`.
 import ml_collections
 
 import configs
-
-from configs import pretrain
+from configs import rl_common
 
 
 def base_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.mode = 'rl'
-  c.seed = 0
-  c.model = pretrain.get_config('llada_8b').model.copy_and_resolve_references()
-  c.model.unlock()
-  c.model.remat = 'full'
-
-  c.init = i = ml_collections.ConfigDict()
-  i.checkpoint = ''  # a dlm checkpoint directory (e.g. written by the LLaDA importer)
-  i.tokenizer = ''  # the tokenizer that goes with it
-
-  c.task = t = ml_collections.ConfigDict()
+  c = rl_common.base_config()
+  t = c.task
   t.name = 'countdown'
-  t.prompt = 'd1'  # 'd1' (SPEC §6.1 training prompt) | 'compact' (tiny models)
+  t.eval_file = 'd1'  # d1's 256 test problems (packaged); '' = generated; or a d1-format path
   t.num_numbers = (3, 4)  # numbers per problem in the training source
   t.low = 1  # numbers and targets lie in [low, high]
   t.high = 100
-  t.train_size = 50_000
-  t.test_size = 256  # held-out problems generated disjoint from training
-  t.eval_file = ''  # d1 test format ({"input": "a,b,c", "output": "T"} per line); '' = generated
-
-  c.sampler = s = ml_collections.ConfigDict()  # rollouts (mirrors dlm.sampling.SamplerConfig)
-  s.strategy = 'semi_ar'
-  s.gen_length = 256
-  s.steps = 128
-  s.block_length = 32
-  s.temperature = 1.0
-  s.remasking = 'low_confidence'
-  s.threshold = 0.9
-  s.cache = 'none'
-  c.eval_sampler = e = ml_collections.ConfigDict()  # held-out evaluation: greedy (d1 protocol)
-  e.steps = 256
-  e.batch_size = 64
-
-  c.rl = r = ml_collections.ConfigDict()
-  r.objective = 'bgpo'  # 'bgpo' | 'vrpo_ol' | 'diffu_grpo'
-  r.num_steps = 560
-  r.num_prompts = 16
-  r.group_size = 8
-  r.num_mc = 16  # n_t: Monte Carlo samples of the ELBO per response (bgpo, vrpo_ol)
-  r.num_minibatches = 1  # > 1: off-policy, ℓ_old computed once per (response, sample)
-  r.inner_updates = 1  # diffu_grpo: μ updates per rollout, each with a fresh prompt mask
-  r.clip_eps = 0.2  # diffu_grpo
-  r.kl_beta = 0.0  # diffu_grpo: k3 KL to the initial policy (0 = no reference model)
-  r.prompt_mask_prob = 0.15  # diffu_grpo
-  r.log_every = 1
-  r.eval_every = 50
-  r.checkpoint_every = 10
-  r.keep_checkpoints = 3
-
-  # The optimizer of the RL updates.
-  c.train = pretrain.optimizer(lr=5e-7, warmup_steps=1, b2=0.99, ema_max_decay=0.0)
-
-  c.warmstart = w = ml_collections.ConfigDict()  # supervised warm start (cpu preset; 0 = none)
-  w.steps = 0
-  w.batch_size = 64
-  w.lr = 1e-3
-  w.warmup_steps = 50
-  w.loss = 'k_dce'  # prompt-aware masked-diffusion loss over the response only
-  w.vocab_size = 48  # pieces of the tokenizer trained on the task texts
-  w.demo_error = 0.0  # fraction of demonstrations replaced by the lazy answer (see cpu preset)
-  w.problem_fraction = 1.0  # the warm start reads this fraction of the training problems
-  w.disjoint = False  # True: a seeded random split, RL prompts come from the rest only
-  w.log_every = 50
-  w.checkpoint_every = 200
-
-  c.sharding = pretrain.base_config().sharding
   return c
 
 
@@ -92,11 +31,9 @@ def cpu(c):
   start never saw must learn from the reward alone to solve instead (≈ 0.2 after 50 steps). With
   `--config.warmstart.demo_error=0` the warm start reaches ≈ 0.21 itself and 150 BGPO steps add
   only 2–3 points (BENCHMARKS.md)."""
-  c.model = pretrain.get_config('tiny').model.copy_and_resolve_references()
-  c.model.unlock()
-  c.model.update(d_model=128, n_layers=4, n_heads=4, mlp_dim=512, remat='none')
+  rl_common.tiny_model(c, d_model=128, n_layers=4, n_heads=4, mlp_dim=512)
   c.task.update(prompt='compact', num_numbers=(3,), low=1, high=20, train_size=7000,
-                test_size=256)
+                test_size=256, eval_file='')
   c.sampler.update(gen_length=16, steps=16, block_length=8, temperature=1.0)
   c.eval_sampler.update(steps=16, batch_size=128)
   c.rl.update(num_steps=100, num_prompts=16, group_size=8, num_mc=8, eval_every=25,

@@ -1,8 +1,14 @@
-"""Orbax checkpoints of {training state, data-iterator position, config}: save, resume, reshard.
+"""Orbax checkpoints: save, resume with a config check, load parameters alone, reshard.
 
-Orbax writes each step to a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous step as the latest; a damaged step is reported with the steps that
-remain, never silently skipped.
+A step holds separate items — `params`, `ema` (when kept), `opt` (optimizer state and step),
+`data` (every process's iterator position) and `config` — so a model can be loaded from its
+parameters alone, without the optimizer state. Orbax writes each step to a temporary directory
+and renames it when complete, so a run killed mid-save leaves the previous step as the latest.
+
+One resume path for pretraining, SFT and RL (`Checkpointer.resume_step`, then `restore`): the
+saved config is read first and compared with the current one; a difference in a key that changes shapes or results
+stops the run with one line naming each key and both values, before anything is restored or
+written. A step is called damaged only when reading it fails for another reason.
 """
 import json
 from typing import Any
@@ -10,49 +16,108 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dlm.errors import CheckpointError, ConfigMismatchError, MissingFileError
 
-class CheckpointError(RuntimeError):
-  pass
+ITEMS = ('params', 'ema', 'opt', 'data', 'config')
+
+# Keys that may change between a run and its resumption: run length, cadences and the mesh
+# (a checkpoint restores onto any mesh). Any other difference changes shapes or results.
+RESUMABLE = ('train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
+             'train.keep_checkpoints', 'rl.num_steps', 'rl.log_every', 'rl.eval_every',
+             'rl.checkpoint_every', 'rl.keep_checkpoints', 'eval_sampler.batch_size', 'sharding')
+
+
+def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}; values are made JSON-like (tuples become lists)."""
+  out = {}
+  for k, v in tree.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(flatten(v, key + '.'))
+    else:
+      out[key] = json.loads(json.dumps(v))
+  return out
+
+
+def config_changes(saved: dict, current: dict, resumable=RESUMABLE) -> list[str]:
+  """'key (saved → current)' for every key that differs and is not resumable."""
+  a, b = flatten(saved), flatten(current)
+  free = lambda k: any(k == r or k.startswith(r + '.') for r in resumable)
+  missing = '<absent>'
+  return [f'{k} ({a.get(k, missing)!r} → {b.get(k, missing)!r})'
+          for k in sorted(set(a) | set(b)) if not free(k) and a.get(k, missing) != b.get(k, missing)]
 
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     self.directory = epath.Path(workdir) / 'checkpoints'
+    if read_only and not self.directory.exists():
+      raise MissingFileError(f'no checkpoints in {self.directory}')
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                             read_only=read_only,
                                              enable_async_checkpointing=async_save),
-        item_names=('state', 'data', 'config'))
+        item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: str, config: dict):
+  def save(self, step: int, items: dict[str, Any], data_state: str, config: dict):
+    """items: 'params', 'opt' and optionally 'ema' pytrees; data_state: JSON of iterators."""
+    args = {k: ocp.args.StandardSave(v) for k, v in items.items() if v is not None}
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({'iterator': data_state}),
+        **args, data=ocp.args.JsonSave({'iterator': data_state}),
         config=ocp.args.JsonSave(json.loads(json.dumps(config)))))
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, str, dict]:
-    """Restores onto the shardings carried by `abstract_state` (any mesh: orbax reshards)."""
+  def has(self, step: int, item: str) -> bool:
+    return (self.directory / str(step) / item).exists()
+
+  def _restore(self, step: int, what: str, **args):
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore(),
-          config=ocp.args.JsonRestore()))
+      return self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many types for damaged files
+      if 'not compatible with the stored shape' in str(e):
+        raise ConfigMismatchError(
+            f'checkpoint {self.directory / str(step)} holds {what} of other shapes than this '
+            f'config builds ({str(e).splitlines()[0][:200]}); use a new --workdir') from e
       others = [s for s in self.manager.all_steps() if s != step]
       raise CheckpointError(
-          f'checkpoint {self.directory / str(step)} could not be restored ({type(e).__name__}: '
-          f'{e}). Other steps present: {others or "none"}. Move the damaged step directory away '
-          'to resume from an earlier one.') from e
-    return out.state, out.data['iterator'], out.config
+          f'checkpoint {self.directory / str(step)} is damaged: reading its {what} failed '
+          f'({type(e).__name__}: {str(e)[:300]}). Other steps present: {others or "none"}; '
+          'move the damaged step directory away to resume from an earlier one.') from e
 
   def restore_config(self, step: int) -> dict:
     """Only the config a step was written with (to rebuild its model before restoring it)."""
-    return self.manager.restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    return self._restore(step, 'config', config=ocp.args.JsonRestore()).config
+
+  def restore_params(self, step: int, abstract_params: Any, use_ema: bool = True) -> Any:
+    """The EMA parameters (when kept and asked for) or the raw ones; nothing else is read."""
+    item = 'ema' if use_ema and self.has(step, 'ema') else 'params'
+    out = self._restore(step, f'{item} parameters',
+                        **{item: ocp.args.StandardRestore(abstract_params)})
+    return out[item]
+
+  def resume_step(self, config: dict) -> int:
+    """The step to resume from (0 in a fresh workdir), after checking that the keys of its
+    saved config that change shapes or results equal `config`'s. Restores nothing."""
+    step = self.latest_step()
+    if not step:
+      return 0
+    changes = config_changes(self.restore_config(step), config)
+    if changes:
+      raise ConfigMismatchError(
+          f'{self.directory.parent} holds a run with another config: {"; ".join(changes)}. '
+          'Rerun with the saved values, or use a new --workdir (nothing was changed).')
+    return step
+
+  def restore(self, step: int, abstract_items: dict[str, Any]) -> tuple[dict, str]:
+    """(items, data_state) of a step, onto the shardings `abstract_items` carry (any mesh)."""
+    args = {k: ocp.args.StandardRestore(v) for k, v in abstract_items.items() if v is not None}
+    out = self._restore(step, 'training state', **args, data=ocp.args.JsonRestore())
+    return {k: out[k] for k in args}, out.data['iterator']
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from typing import Any, Callable, NamedTuple
 
 from etils import epath
 import grain
@@ -32,12 +33,22 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dlm.errors import ConfigError, DataError, MissingFileError
 from dlm.tokenizer import Tokenizer
 
 _HELD_OUT_PER_MILLE = 20  # 2 % of documents, chosen by a hash of their text (duplicates stay together)
 _BUILTIN_SEED = 1234  # the builtin corpus is a fixed dataset, independent of the training seed
 _BUILTIN_DOCS_PER_FILE = 5000
 _TOKENIZER_TRAIN_DOCS = 100_000  # strided sample of the train split used to fit the tokenizer
+
+
+class Data(NamedTuple):
+  """What the training loop reads, for pretraining and SFT (`dlm.sft`) alike."""
+  tokenizer: Tokenizer
+  iterator: grain.DatasetIterator  # checkpointable
+  to_batch: Callable[[Any], dict]  # iterator element → this process's batch {tokens, …}
+  eval_batches: list  # this process's held-out batches
+  tokens_per_step: int  # global
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,13 +71,13 @@ def expand_paths(patterns: str | Sequence[str]) -> list[epath.Path]:
   if isinstance(patterns, str):
     patterns = [p.strip() for p in patterns.split(',') if p.strip()]
   if not patterns:
-    raise ValueError('data.text_files is empty; give comma-separated paths or globs')
+    raise ConfigError('data.text_files is empty; give comma-separated paths or globs')
   files = []
   for pattern in patterns:
     if not any(c in pattern for c in '*?['):
       path = epath.Path(pattern)
       if not path.is_file():
-        raise FileNotFoundError(f'text file not found: {pattern}')
+        raise MissingFileError(f'text file not found: {pattern}')
       files.append(path)
       continue
     parts = pattern.split('/')
@@ -74,7 +85,7 @@ def expand_paths(patterns: str | Sequence[str]) -> list[epath.Path]:
     root = epath.Path('/'.join(parts[:first_glob]) or '.')
     matches = sorted(p for p in root.glob('/'.join(parts[first_glob:])) if p.is_file())
     if not matches:
-      raise FileNotFoundError(f'no files match: {pattern}')
+      raise MissingFileError(f'no files match: {pattern}')
     files.extend(matches)
   return files
 
@@ -230,13 +241,13 @@ def _text_files_sources(files, data_dir):
 
 def _tfds_sources(name: str, data_dir):
   if not name:
-    raise ValueError("data.corpus='tfds' needs data.tfds_name")
+    raise ConfigError("data.corpus='tfds' needs data.tfds_name")
   builder = tfds.builder(name, data_dir=data_dir)
   if 'text' not in builder.info.features:
-    raise ValueError(f'tfds dataset {name} has no "text" feature: {builder.info.features}')
+    raise DataError(f'tfds dataset {name} has no "text" feature: {builder.info.features}')
   held_out = next((s for s in ('validation', 'test') if s in builder.info.splits), None)
   if 'train' not in builder.info.splits or held_out is None:
-    raise ValueError(f'tfds dataset {name} needs a train and a validation or test split; '
+    raise DataError(f'tfds dataset {name} needs a train and a validation or test split; '
                      f'has {list(builder.info.splits)}')
   return builder.as_data_source('train'), builder.as_data_source(held_out)
 
@@ -264,15 +275,16 @@ def prepare(data_cfg, workdir):
     elif data_cfg.corpus == 'tfds':
       train, held_out = _tfds_sources(data_cfg.tfds_name, data_dir)
     else:
-      raise ValueError(f"data.corpus must be 'builtin', 'text_files' or 'tfds', "
+      raise ConfigError(f"data.corpus must be 'builtin', 'text_files' or 'tfds', "
                        f'got {data_cfg.corpus!r}')
     if len(train) == 0 or len(held_out) == 0:
-      raise ValueError(f'corpus needs documents in both splits; got {len(train)} train and '
+      raise DataError(f'corpus needs documents in both splits; got {len(train)} train and '
                        f'{len(held_out)} held-out')
-    if data_cfg.tokenizer:
-      tokenizer = Tokenizer.load(data_cfg.tokenizer)
-    elif (workdir / 'tokenizer.model').exists():
+    if (workdir / 'tokenizer.model').exists():
       tokenizer = Tokenizer.load(workdir / 'tokenizer.model')
+    elif data_cfg.tokenizer:  # copied in: the workdir alone must load the model later
+      tokenizer = Tokenizer.load(data_cfg.tokenizer)
+      tokenizer.save(workdir / 'tokenizer.model')
     else:
       step = max(1, len(train) // _TOKENIZER_TRAIN_DOCS)
       indices = range(0, len(train), step)
@@ -308,7 +320,7 @@ def _process(process_index, process_count, global_batch) -> tuple[int, int, int]
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if global_batch % count:
-    raise ValueError(f'global batch {global_batch} is not divisible by the {count} processes')
+    raise ConfigError(f'global batch {global_batch} is not divisible by the {count} processes')
   if not 0 <= index < count:
     raise ValueError(f'process_index {index} outside [0, {count})')
   return index, count, global_batch // count
@@ -318,7 +330,7 @@ def _packed_batches(source, tokenizer, *, seq_len, rows, index, count, seed):
   """This process's documents, (shuffled,) repeated forever, tokenized, packed and batched."""
   docs = grain.MapDataset.source(source)[index::count]
   if len(docs) == 0:
-    raise ValueError(f'process {index} of {count} has no documents ({len(source)} in the split)')
+    raise DataError(f'process {index} of {count} has no documents ({len(source)} in the split)')
   if seed is not None:
     if not 0 <= seed < 2**32:
       raise ValueError(f'seed must be in [0, 2**32), got {seed}')
@@ -356,8 +368,32 @@ def eval_batches(source, tokenizer: Tokenizer, *, seq_len: int, global_batch: in
 
 
 def iterator_state(it: grain.DatasetIterator) -> str:
-  """The iterator position as JSON, for the trainer's checkpoint (one per process)."""
+  """The iterator position as JSON (this process's)."""
   return json.dumps(it.get_state())
+
+
+def all_iterator_states(it: grain.DatasetIterator) -> str:
+  """Every process's iterator position (each may read its own documents), gathered into one
+  JSON list for the checkpoint: the one format pretraining, SFT and RL save."""
+  mine = iterator_state(it)
+  if jax.process_count() == 1:
+    return json.dumps([mine])
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.frombuffer(mine.encode(), np.uint8)
+  n = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+  padded = np.zeros(n, np.uint8)
+  padded[:raw.size] = raw
+  rows = multihost_utils.process_allgather(padded)
+  return json.dumps([bytes(r).rstrip(b'\0').decode() for r in np.asarray(rows).reshape(-1, n)])
+
+
+def restore_process_iterator(it: grain.DatasetIterator, saved: str) -> None:
+  """Inverse of `all_iterator_states` for this process."""
+  states = json.loads(saved)
+  if len(states) != jax.process_count():
+    raise ConfigError(f'the checkpoint was written by {len(states)} processes; its data '
+                      f'position cannot be split over {jax.process_count()}')
+  restore_iterator(it, states[jax.process_index()])
 
 
 def restore_iterator(it: grain.DatasetIterator, state: str) -> None:

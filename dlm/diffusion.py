@@ -8,6 +8,8 @@ whatever the model puts at unmasked positions (even inf/NaN) cannot reach the va
 import jax
 import jax.numpy as jnp
 
+from dlm.errors import ConfigError
+
 SCHEDULES = ('loglinear', 'linear', 'cosine')
 LOSSES = ('lambda_dce', 't_dce', 't_dse', 'k_dce')
 
@@ -17,7 +19,7 @@ _MIN_LAMBDA = 1e-6
 
 def _check(name: str, value: str, choices: tuple[str, ...]) -> None:
   if value not in choices:
-    raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(choices)}.')
+    raise ConfigError(f'Unknown {name} {value!r}; valid choices: {", ".join(choices)}.')
 
 
 def _alpha_and_complement(schedule: str, t, eps: float):

@@ -1,9 +1,10 @@
-"""Sample mode: load a pretraining run's checkpoint, sample, write `<workdir>/samples.jsonl`.
+"""Sample mode: load a run's checkpoint, sample, write `<workdir>/samples.jsonl`.
 
-The checkpoint carries the run's config, so the model and tokenizer are rebuilt from the workdir
-alone; the sample config only says how to sample. One JSON object per sample: prompt, text (the
-generation up to its first EOS), tokens (all generated ids), calls (network calls of its row),
-seconds (wall time of its batch, compilation excluded), strategy, checkpoint step.
+Any dlm workdir works (pretraining, SFT, RL): the model, its parameters and tokenizer load from
+the workdir alone (`dlm.workdir.load`), which is only read; the sample config says how to
+sample. One JSON object per sample: prompt, text (the generation up to its first EOS), tokens
+(all generated ids), calls (network calls of its row), seconds (wall time of its batch,
+compilation excluded), strategy, checkpoint step.
 """
 import json
 import time
@@ -12,58 +13,21 @@ import jax
 import numpy as np
 from etils import epath
 
-from configs import pretrain
-from dlm import checkpoint as ckpt_lib
 from dlm import sampling
-from dlm import train as train_lib
-
-_RUN_SECTIONS = ('model', 'data', 'diffusion', 'train')  # what the checkpoint decides
+from dlm import workdir as workdir_lib
+from dlm.errors import ConfigError
+from dlm.task_tokens import left_pad
 
 
 def sampler_config(sampler_cfg) -> sampling.SamplerConfig:
   return sampling.SamplerConfig(**sampler_cfg.to_dict())
 
 
-def training_config(ckpt: ckpt_lib.Checkpointer, step: int):
-  """The run's saved config over today's pretraining defaults; the mesh is this machine's."""
-  saved = ckpt.restore_config(step)
-  c = pretrain.base_config()
-  for section in _RUN_SECTIONS:
-    c[section].update(saved[section])
-  c.seed = saved['seed']
-  return c
-
-
-def load(workdir: str, step: int = -1, use_ema: bool = True):
-  """(tokenizer, graphdef, params, step) of a run's checkpoint (latest when step < 0)."""
-  ckpt = ckpt_lib.Checkpointer(workdir)
-  step = ckpt.latest_step() if step < 0 else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {epath.Path(workdir) / "checkpoints"}; train '
-                            'first: python -m dlm.main --config=configs/pretrain.py:tiny '
-                            f'--workdir={workdir}')
-  tok, _, _, trainer = train_lib.setup(training_config(ckpt, step), workdir)
-  state, _, _ = ckpt.restore(step, trainer.abstract_state)
-  ckpt.close()
-  params = state.ema if use_ema and state.ema is not None else state.params
-  return tok, trainer.graphdef, params, step
-
-
-def left_pad(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Prompts right-aligned in [len(rows), width] (generation follows every prompt directly)."""
-  ids = np.zeros((len(rows), width), np.int32)
-  mask = np.zeros((len(rows), width), bool)
-  for i, r in enumerate(rows):
-    if r:
-      ids[i, width - len(r):], mask[i, width - len(r):] = r, True
-  return ids, mask
-
-
 def run(cfg, workdir: str) -> list[dict]:
   scfg = sampler_config(cfg.sampler)
   if cfg.num_samples < 1 or cfg.batch_size < 1:
-    raise ValueError('num_samples and batch_size must be ≥ 1')
-  tok, graphdef, params, step = load(workdir, cfg.checkpoint_step, cfg.use_ema)
+    raise ConfigError('num_samples and batch_size must be ≥ 1')
+  tok, _, graphdef, params, _, step = workdir_lib.load(workdir, cfg.checkpoint_step, cfg.use_ema)
   prompts = [p for p in cfg.prompts for _ in range(cfg.num_samples)]
   encoded = [tok.encode(p) if p else [] for p in prompts]
   width = max(map(len, encoded))

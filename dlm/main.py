@@ -9,6 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dlm.errors import DlmError
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml-collections config file[:preset]',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics.jsonl)')
@@ -19,7 +21,7 @@ _NPROC = flags.DEFINE_integer('num_processes', None, 'multi-process: total proce
 _PID = flags.DEFINE_integer('process_id', None, 'multi-process: this process index')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = ('pretrain', 'sample', 'rl')
+MODES = ('pretrain', 'sft', 'sample', 'rl')
 
 
 def main(argv):
@@ -34,14 +36,20 @@ def main(argv):
   cfg = _CONFIG.value
   if cfg.mode not in MODES:
     raise app.UsageError(f'config.mode={cfg.mode!r}; valid: {MODES}')
-  # pylint: disable=g-import-not-at-top
-  from dlm import checkpoint, generate, rl, train
-  run = {'pretrain': train.run, 'sample': generate.run, 'rl': rl.run}[cfg.mode]
+  sys.exit(dispatch(cfg, _WORKDIR.value))
+
+
+def dispatch(cfg, workdir: str) -> int:
+  """Runs the config's mode; a user-facing problem (DlmError) is printed as one line and gives
+  exit code 1, anything else is a bug and keeps its traceback."""
+  from dlm import generate, rl, train  # pylint: disable=g-import-not-at-top
+  run = {'pretrain': train.run, 'sft': train.run, 'sample': generate.run, 'rl': rl.run}[cfg.mode]
   try:
-    run(cfg, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.CheckpointError) as e:
+    run(cfg, workdir)
+  except DlmError as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    return 1
+  return 0
 
 
 def check_overrides(argv: list[str]) -> str | None:
@@ -52,7 +60,7 @@ def check_overrides(argv: list[str]) -> str | None:
   """
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
   keys = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
-  if not spec or not keys:
+  if not spec:
     return None
   path, _, preset = spec.partition(':')
   if not os.path.isfile(path):
@@ -62,7 +70,7 @@ def check_overrides(argv: list[str]) -> str | None:
   module_spec.loader.exec_module(module)
   try:
     cfg = module.get_config(preset) if preset else module.get_config()
-  except ValueError as e:
+  except DlmError as e:
     return str(e)
   for key in keys:
     node, walked = cfg, 'config'

@@ -62,6 +62,12 @@ class MetricsWriter:
       self.tb.close()
 
 
+def log(msg: str) -> None:
+  """A progress line on stdout, printed once (by process 0)."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
 def read_metrics(workdir: str) -> list[dict]:
   path = epath.Path(workdir) / 'metrics.jsonl'
   return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dlm.errors import ConfigError
+
 FAMILIES = ('radd', 'llada')
 REMAT_POLICIES = {
     'none': None,
@@ -43,17 +45,17 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.family not in FAMILIES:
-      raise ValueError(f'model.family={self.family!r}; valid: {FAMILIES}')
+      raise ConfigError(f'model.family={self.family!r}; valid: {FAMILIES}')
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f'model.remat={self.remat!r}; valid: {tuple(REMAT_POLICIES)}')
+      raise ConfigError(f'model.remat={self.remat!r}; valid: {tuple(REMAT_POLICIES)}')
     for k in ('param_dtype', 'dtype'):
       if getattr(self, k) not in DTYPES:
-        raise ValueError(f'model.{k}={getattr(self, k)!r}; valid: {tuple(DTYPES)}')
+        raise ConfigError(f'model.{k}={getattr(self, k)!r}; valid: {tuple(DTYPES)}')
     if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-      raise ValueError(f'model.d_model={self.d_model} must split into {self.n_heads} heads of '
+      raise ConfigError(f'model.d_model={self.d_model} must split into {self.n_heads} heads of '
                        'even size (RoPE rotates half-heads)')
     if not 0 <= self.mask_id < self.num_embeddings:
-      raise ValueError(f'model.mask_id={self.mask_id} outside [0, {self.num_embeddings})')
+      raise ConfigError(f'model.mask_id={self.mask_id} outside [0, {self.num_embeddings})')
 
   @property
   def head_dim(self) -> int:
@@ -61,14 +63,23 @@ class ModelConfig:
 
 
 def config_from(model_cfg, num_embeddings: int | None = None) -> ModelConfig:
-  """ModelConfig from the `model` ConfigDict; num_embeddings=0 there is filled in by the caller."""
+  """ModelConfig from the `model` section (ConfigDict or saved dict); num_embeddings=0 there is
+  filled in by the caller, mask_id=-1 means the last row, dtype='auto' picks by platform."""
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   kw = {k: v for k, v in model_cfg.items() if k in fields}
   if num_embeddings is not None and not kw.get('num_embeddings'):
     kw['num_embeddings'] = num_embeddings
   if kw.get('mask_id', -1) < 0:
     kw['mask_id'] = kw['num_embeddings'] - 1
+  if kw.get('dtype') == 'auto':
+    kw['dtype'] = auto_dtype()
   return ModelConfig(**kw)
+
+
+def auto_dtype() -> str:
+  """model.dtype='auto': bfloat16 compute on accelerators (f32 master weights stay), float32 on
+  CPU, where bf16 matmuls are slower and tests compare against f32 references."""
+  return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
 
 
 def real_log_softmax(logits_BxLxV: jax.Array, mask_id: int) -> jax.Array:

@@ -30,6 +30,7 @@ from flax import nnx
 
 from dlm import diffusion
 from dlm import model as model_lib
+from dlm.errors import ConfigError
 
 STRATEGIES = ('radd', 'semi_ar', 'threshold')
 CATEGORICAL = ('exact', 'gumbel32')
@@ -62,24 +63,24 @@ class SamplerConfig:
                         ('remasking', REMASKING), ('cache', CACHES),
                         ('schedule', diffusion.SCHEDULES)):
       if getattr(self, name) not in valid:
-        raise ValueError(f'sampler.{name}={getattr(self, name)!r}; valid: {valid}')
+        raise ConfigError(f'sampler.{name}={getattr(self, name)!r}; valid: {valid}')
     if self.gen_length < 1 or self.steps < 1:
-      raise ValueError(f'sampler.gen_length={self.gen_length} and sampler.steps={self.steps} '
+      raise ConfigError(f'sampler.gen_length={self.gen_length} and sampler.steps={self.steps} '
                        'must be ≥ 1')
     if self.temperature < 0 or self.cfg_scale < 0:
-      raise ValueError('sampler.temperature and sampler.cfg_scale must be ≥ 0')
+      raise ConfigError('sampler.temperature and sampler.cfg_scale must be ≥ 0')
     if not 0 < self.t_min < 1:
-      raise ValueError(f'sampler.t_min={self.t_min} must be in (0, 1)')
+      raise ConfigError(f'sampler.t_min={self.t_min} must be in (0, 1)')
     if self.strategy == 'radd':
       return
     if self.block_length < 1 or self.gen_length % self.block_length:
-      raise ValueError(f'sampler.gen_length={self.gen_length} must be a multiple of '
+      raise ConfigError(f'sampler.gen_length={self.gen_length} must be a multiple of '
                        f'sampler.block_length={self.block_length}')
     if self.strategy == 'semi_ar' and self.steps % self.num_blocks:
-      raise ValueError(f'sampler.steps={self.steps} must be a multiple of the number of blocks '
+      raise ConfigError(f'sampler.steps={self.steps} must be a multiple of the number of blocks '
                        f'({self.num_blocks} = gen_length / block_length)')
     if self.strategy == 'threshold' and self.remasking != 'low_confidence':
-      raise ValueError("strategy='threshold' reveals by confidence: set "
+      raise ConfigError("strategy='threshold' reveals by confidence: set "
                        "sampler.remasking='low_confidence'")
 
   @property
@@ -309,9 +310,9 @@ def _blockwise(net, x_BxL, key, cfg: SamplerConfig, key_mask_BxL):
   net = as_net(net)
   mid, (B, L), K = net.mask_id, x_BxL.shape, cfg.block_length
   if cfg.gen_length > L:
-    raise ValueError(f'gen_length={cfg.gen_length} exceeds the canvas length {L}')
+    raise ConfigError(f'gen_length={cfg.gen_length} exceeds the canvas length {L}')
   if cfg.cache != 'none' and net.encode is None:
-    raise ValueError(f"sampler.cache={cfg.cache!r} needs a network with encode/window "
+    raise ConfigError(f"sampler.cache={cfg.cache!r} needs a network with encode/window "
                      '(a model.Transformer)')
   if key_mask_BxL is None:
     key_mask_BxL = jnp.ones((B, L), bool)

@@ -7,6 +7,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dlm.errors import ConfigError
+
 AXES = ('data', 'fsdp', 'tensor')
 
 
@@ -14,16 +16,16 @@ def mesh_shape(sharding_cfg, num_devices: int) -> tuple[int, int, int]:
   """Resolve the configured sizes; at most one may be -1 (= all remaining devices)."""
   dims = [int(sharding_cfg[a]) for a in AXES]
   if sum(d == -1 for d in dims) > 1 or any(d == 0 or d < -1 for d in dims):
-    raise ValueError(f'sharding sizes {dict(zip(AXES, dims))}: each must be ≥ 1, and at most '
+    raise ConfigError(f'sharding sizes {dict(zip(AXES, dims))}: each must be ≥ 1, and at most '
                      'one may be -1 (fill with the remaining devices)')
   known = math.prod(d for d in dims if d != -1)
   if -1 in dims:
     if num_devices % known:
-      raise ValueError(f'{num_devices} devices do not split over fixed sharding sizes '
+      raise ConfigError(f'{num_devices} devices do not split over fixed sharding sizes '
                        f'{dict(zip(AXES, dims))}')
     dims[dims.index(-1)] = num_devices // known
   if math.prod(dims) != num_devices:
-    raise ValueError(f'sharding {dict(zip(AXES, dims))} needs {math.prod(dims)} devices but '
+    raise ConfigError(f'sharding {dict(zip(AXES, dims))} needs {math.prod(dims)} devices but '
                      f'{num_devices} are in use; set --config.sharding.fsdp=-1 to fill')
   return tuple(dims)
 
@@ -86,10 +88,11 @@ def check_batch(rows: int, mesh: Mesh, rules, microbatches: int, what: str) -> N
   """A step's rows must split evenly into micro-batches, each over the data-parallel shards."""
   dp = data_parallel_size(mesh, rules)
   if rows % (dp * microbatches):
-    raise ValueError(f'{what} = {rows} rows must split into train.microbatches={microbatches} '
+    raise ConfigError(f'{what} = {rows} rows must split into train.microbatches={microbatches} '
                      f'× {dp} data-parallel shards')
 
 
-def global_batch(local_BxL: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """Assemble this process's rows into the global jax.Array (no host holds the whole batch)."""
-  return jax.make_array_from_process_local_data(sharding, local_BxL)
+def global_batch(local: Any, shardings: Any) -> Any:
+  """Assemble this process's rows (an array or a pytree of them, with matching shardings) into
+  global jax.Arrays: no host holds the whole batch."""
+  return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), local, shardings)

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from etils import epath
 import sentencepiece as spm
 
+from dlm.errors import DataError, MissingFileError
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 MASK_TEXT = '▒'  # how a still-masked position renders in decoded samples
 # Byte fallback spends 256 pieces on raw bytes; below this size they would crowd out real merges,
@@ -31,7 +33,7 @@ class Tokenizer:
                                              self._sp.unk_id())
     self.mask_id = self.vocab_size
     if min(self.pad_id, self.eos_id, self.unk_id) < 0:
-      raise ValueError('tokenizer model must define pad, eos and unk pieces')
+      raise DataError('tokenizer model must define pad, eos and unk pieces')
 
   @classmethod
   def train(cls, texts: Iterable[str], vocab_size: int, path) -> Tokenizer:
@@ -51,18 +53,23 @@ class Tokenizer:
         max_sentence_length=4 * _CHUNK_CHARS + 16,
         pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
         num_threads=1, minloglevel=2)
+    tok = cls(model.getvalue())
+    tok.save(path)
+    return tok
+
+  def save(self, path) -> None:
+    """Writes the model atomically: a reader never sees a half-written file."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')  # atomic: a reader never sees a half-written model
-    tmp.write_bytes(model.getvalue())
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_bytes(self._proto)
     tmp.replace(path)
-    return cls(model.getvalue())
 
   @classmethod
   def load(cls, path) -> Tokenizer:
     path = epath.Path(path)
     if not path.exists():
-      raise FileNotFoundError(f'sentencepiece model not found: {path}')
+      raise MissingFileError(f'sentencepiece model not found: {path}')
     return cls(path.read_bytes())
 
   def encode(self, text: str) -> list[int]:

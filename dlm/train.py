@@ -1,9 +1,16 @@
-"""The pretraining / SFT loop: data → sharded jitted step → metrics, eval, checkpoints, resume."""
-import json
+"""The one training loop: pretraining and SFT (the RL warm start is SFT).
+
+data → sharded jitted step (NaN guard on every step, read one step late) → metrics, held-out
+loss, checkpoints, and the one resume path (`Checkpointer.resume`: saved config checked first).
+Modes differ only in their data: `pretrain` packs a text corpus (`dlm.data`); `sft` feeds a
+task's (prompt, demonstration) pairs with the prompt never masked (`dlm.sft`), optionally
+starting from a checkpoint's parameters (`init.checkpoint`).
+"""
 import math
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
 from dlm import checkpoint as ckpt_lib
@@ -11,110 +18,170 @@ from dlm import data as data_lib
 from dlm import diffusion
 from dlm import metrics as metrics_lib
 from dlm import model as model_lib
+from dlm import sft
 from dlm import sharding
 from dlm import trainer as trainer_lib
+from dlm import workdir as workdir_lib
+from dlm.errors import ConfigError, MissingFileError, NonFiniteLossError
+from dlm.tokenizer import Tokenizer
 
-
-class NonFiniteLossError(FloatingPointError):
-  pass
+MODES = ('pretrain', 'sft')
+_BUILTIN_MAX_VOCAB = 1000  # the generated demo corpus holds a few hundred distinct pieces
 
 
 def validate(cfg) -> None:
-  """Cross-field checks with messages a user can act on (single-field ones live where used)."""
+  """Checks with messages a user can act on, before any corpus, tokenizer or device work."""
   d, t = cfg.data, cfg.train
+  if cfg.mode not in MODES:
+    raise ConfigError(f'mode={cfg.mode!r}; the training loop runs {MODES}')
   if cfg.diffusion.loss not in diffusion.LOSSES:
-    raise ValueError(f'diffusion.loss={cfg.diffusion.loss!r}; valid: {diffusion.LOSSES}')
+    raise ConfigError(f'diffusion.loss={cfg.diffusion.loss!r}; valid: {diffusion.LOSSES}')
   if cfg.diffusion.schedule not in diffusion.SCHEDULES:
-    raise ValueError(f'diffusion.schedule={cfg.diffusion.schedule!r}; valid: '
-                     f'{diffusion.SCHEDULES}')
-  for k in ('seq_len', 'batch_size'):
-    if d[k] < 1:
-      raise ValueError(f'data.{k}={d[k]} must be ≥ 1')
+    raise ConfigError(f'diffusion.schedule={cfg.diffusion.schedule!r}; valid: '
+                      f'{diffusion.SCHEDULES}')
+  if d.batch_size < 1:
+    raise ConfigError(f'data.batch_size={d.batch_size} must be ≥ 1')
   if t.microbatches < 1 or d.batch_size % t.microbatches:
-    raise ValueError(f'data.batch_size={d.batch_size} must be a multiple of '
-                     f'train.microbatches={t.microbatches}')
+    raise ConfigError(f'data.batch_size={d.batch_size} must be a multiple of '
+                      f'train.microbatches={t.microbatches}')
   for k in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
     if t[k] < 1:
-      raise ValueError(f'train.{k}={t[k]} must be ≥ 1')
+      raise ConfigError(f'train.{k}={t[k]} must be ≥ 1')
   if not 0 <= t.ema_max_decay < 1:
-    raise ValueError(f'train.ema_max_decay={t.ema_max_decay} must be in [0, 1)')
+    raise ConfigError(f'train.ema_max_decay={t.ema_max_decay} must be in [0, 1)')
+  if cfg.mode == 'sft':
+    sft.validate(cfg)
+  else:
+    if d.seq_len < 1:
+      raise ConfigError(f'data.seq_len={d.seq_len} must be ≥ 1')
+    check_vocabulary(cfg)
 
 
-def pretrain_loss(dcfg, mask_id: int):
-  """loss_fn for Trainer.compile_step: objective = batch mean of per-sequence losses (SPEC §3)."""
+def check_vocabulary(cfg) -> None:
+  """A model with a fixed vocabulary (the RADD presets: 50257 + mask) needs a tokenizer of that
+  size, which only a real corpus or a given tokenizer provides: say so before building one."""
+  m, d = cfg.model, cfg.data
+  if m.num_embeddings <= 0:
+    return
+  if d.tokenizer:
+    v = Tokenizer.load(d.tokenizer).vocab_size
+    source = f'data.tokenizer={d.tokenizer} has {v} pieces'
+  elif d.corpus == 'builtin' and m.num_embeddings - 1 > _BUILTIN_MAX_VOCAB:
+    raise ConfigError(
+        f'model.num_embeddings={m.num_embeddings} needs a {m.num_embeddings - 1}-piece tokenizer, '
+        'but data.corpus=builtin is a small generated demo corpus. Pass a real text corpus '
+        '(--config.data.corpus=text_files --config.data.text_files=/path/*.txt, or '
+        '--config.data.corpus=tfds --config.data.tfds_name=NAME --config.data.tfds_data_dir=DIR) '
+        f'and --config.data.vocab_size={m.num_embeddings - 1} or a tokenizer with '
+        '--config.data.tokenizer=/path/to.model; or --config.model.num_embeddings=0 to size '
+        'the model from the tokenizer')
+  else:
+    v, source = d.vocab_size, f'data.vocab_size={d.vocab_size}'
+  if v + 1 != m.num_embeddings:
+    raise ConfigError(f'{source}, but model.num_embeddings={m.num_embeddings} needs '
+                      f'{m.num_embeddings - 1} (+1 mask); make them agree, or set '
+                      'model.num_embeddings=0 to size the model from the tokenizer')
 
-  def loss_fn(model, tokens_BxL, key, sample_index=0):
+
+def diffusion_objective(dcfg, mask_id: int):
+  """loss_fn for Trainer.compile_step: batch mean of per-sequence losses (SPEC §3), over the
+  `maskable` positions (all when absent) with padding keys (`attend` False) ignored."""
+
+  def loss_fn(model, batch, key, sample_index=0):
     del sample_index  # one Monte Carlo draw per sequence per step
     k_drop, k_noise = jax.random.split(key)
-    apply = lambda xt_BxL: model(xt_BxL, dropout_key=k_drop)
+    apply = lambda xt_BxL: model(xt_BxL, key_mask_BxL=batch.get('attend'), dropout_key=k_drop)
     loss_B, ntok_B = diffusion.diffusion_loss(
-        apply, tokens_BxL, k_noise, loss=dcfg.loss, schedule=dcfg.schedule, eps=dcfg.eps,
-        mask_id=mask_id)
+        apply, batch['tokens'], k_noise, loss=dcfg.loss, schedule=dcfg.schedule, eps=dcfg.eps,
+        mask_id=mask_id, maskable_BxL=batch.get('maskable'))
     return loss_B.mean(), {'loss_sum': loss_B.sum(), 'tokens': ntok_B.sum()}
 
   return loss_fn
 
 
 def make_eval_step(trainer, dcfg, batch_shard):
-  """Held-out loss with a fixed key per batch (comparable across steps); EMA weights if kept."""
-  loss_fn = pretrain_loss(dcfg, trainer.mcfg.mask_id)
+  """Held-out loss with a fixed key per batch (comparable across steps)."""
+  loss_fn = diffusion_objective(dcfg, trainer.mcfg.mask_id)
 
-  def step(params, tokens_BxL, key):
-    _, sums = loss_fn(trainer.model(params), tokens_BxL, key)
+  def step(params, batch, key):
+    _, sums = loss_fn(trainer.model(params), batch, key)
     return sums
 
   return jax.jit(step, in_shardings=(trainer.param_shardings, batch_shard, None),
                  out_shardings=sharding.replicated(trainer.mesh))
 
 
+def pretrain_data(cfg, workdir) -> data_lib.Data:
+  d = cfg.data
+  tok, train_src, eval_src = data_lib.prepare(d, workdir)
+  it = data_lib.make_train_iterator(train_src, tok, seq_len=d.seq_len, global_batch=d.batch_size,
+                                    seed=cfg.seed)
+  evals = data_lib.eval_batches(eval_src, tok, seq_len=d.seq_len, global_batch=d.batch_size,
+                                num_batches=d.eval_batches)
+  return data_lib.Data(tok, it, lambda x: {'tokens': x}, [{'tokens': b} for b in evals],
+                  d.batch_size * d.seq_len)
+
+
+def with_model(cfg, model_section: dict):
+  """A copy of cfg whose model section is `model_section` (the architecture a checkpoint
+  decides), so the saved config describes the model actually trained."""
+  c = ml_collections.ConfigDict(cfg.to_dict())
+  c.model = ml_collections.ConfigDict(model_section)
+  c.lock()
+  return c
+
+
 def setup(cfg, workdir: str, devices=None):
-  """Everything a pretraining run needs, built from the config (also used by benchmarks/tests)."""
+  """(cfg, start step, data, trainer, checkpointer, init) of a run. Checks come first (config,
+  mesh, the saved config of a run to resume), then the data and the model."""
   validate(cfg)
-  tok, train_src, eval_src = data_lib.prepare(cfg.data, workdir)
-  mcfg = model_lib.config_from(cfg.model, tok.vocab_size + 1)
-  if mcfg.num_embeddings < tok.vocab_size + 1 or mcfg.mask_id != tok.mask_id:
-    raise ValueError(f'tokenizer has {tok.vocab_size} tokens + mask id {tok.mask_id}, but '
-                     f'model.num_embeddings={mcfg.num_embeddings}, model.mask_id={mcfg.mask_id}; '
-                     'set both to 0 / -1 to size the model from the tokenizer')
   mesh = sharding.make_mesh(cfg.sharding, devices)
   rules = cfg.sharding.rules
   sharding.check_batch(cfg.data.batch_size, mesh, rules, cfg.train.microbatches,
                        'data.batch_size')
+  init = None  # (step, saved config) of the checkpoint SFT starts from
+  if cfg.mode == 'sft' and cfg.init.checkpoint:
+    init = workdir_lib.latest_config(cfg.init.checkpoint)
+    if init is None:
+      raise MissingFileError(f'init.checkpoint={cfg.init.checkpoint} holds no checkpoint')
+    cfg = with_model(cfg, init[1]['model'])  # the checkpoint decides the architecture
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+  start = ckpt.resume_step(cfg.to_dict())
+  if cfg.mode == 'sft':
+    tok = workdir_lib.load_tokenizer(cfg.init.checkpoint) if init else None
+    data = sft.prepare(cfg, workdir, tok)
+  else:
+    data = pretrain_data(cfg, workdir)
+  mcfg = workdir_lib.model_config(cfg.model, data.tokenizer)
+  if mcfg.num_embeddings < data.tokenizer.vocab_size + 1 or mcfg.mask_id != data.tokenizer.mask_id:
+    raise ConfigError(f'tokenizer has {data.tokenizer.vocab_size} tokens + mask id '
+                      f'{data.tokenizer.mask_id}, but model.num_embeddings={mcfg.num_embeddings}, '
+                      f'model.mask_id={mcfg.mask_id}; set both to 0 / -1 to size the model from '
+                      'the tokenizer')
   trainer = trainer_lib.Trainer(mcfg, cfg.train, mesh, rules, cfg.seed)
-  return tok, train_src, eval_src, trainer
+  return cfg, start, data, trainer, ckpt, init
 
 
 def run(cfg, workdir: str, devices=None) -> dict:
   """Trains to cfg.train.num_steps, resuming from the latest checkpoint in workdir."""
-  tok, train_src, eval_src, trainer = setup(cfg, workdir, devices)
-  d, t = cfg.data, cfg.train
-  batch_shard = sharding.batch_sharding(trainer.mesh, trainer.rules)
-  step_fn = trainer.compile_step(pretrain_loss(cfg.diffusion, trainer.mcfg.mask_id), batch_shard)
-  eval_fn = make_eval_step(trainer, cfg.diffusion, batch_shard)
-  eval_data = data_lib.eval_batches(eval_src, tok, seq_len=d.seq_len, global_batch=d.batch_size,
-                                    num_batches=d.eval_batches)
-  it = data_lib.make_train_iterator(train_src, tok, seq_len=d.seq_len,
-                                    global_batch=d.batch_size, seed=cfg.seed)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
-  start = ckpt.latest_step() or 0
+  cfg, start, data, trainer, ckpt, init = setup(cfg, workdir, devices)
+  t, log = cfg.train, metrics_lib.log
   if start:
-    state, data_state, saved = ckpt.restore(start, trainer.abstract_state)
-    if _as_json(saved['model']) != _as_json(cfg.model.to_dict()):
-      raise ValueError(f'{workdir} holds a run with a different model config: {saved["model"]}')
-    states = json.loads(data_state)
-    if len(states) != jax.process_count():
-      raise ValueError(f'checkpoint {start} was written by {len(states)} processes; the data '
-                       f'position cannot be split over {jax.process_count()}')
-    data_lib.restore_iterator(it, states[jax.process_index()])
-    _log(f'resumed from step {start} in {ckpt.directory}')
+    items, data_state = ckpt.restore(start, trainer.abstract_items())
+    state = trainer.from_items(items)
+    data_lib.restore_process_iterator(data.iterator, data_state)
+    log(f'resumed from step {start} in {ckpt.directory}')
+  elif init:
+    state = trainer.state_from_params(workdir_lib.load(
+        cfg.init.checkpoint, init[0], cfg.init.use_ema, mesh=trainer.mesh).params)
   else:
     state = trainer.init_state()
   writer = metrics_lib.MetricsWriter(workdir, start)
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
-  _log(f'model {n_params:,} params on mesh {dict(trainer.mesh.shape)}; '
-       f'{t.num_steps - start} steps to go')
-  tokens_per_step = d.batch_size * d.seq_len
+  log(f'{cfg.mode}: model {n_params:,} params on mesh {dict(trainer.mesh.shape)}; '
+      f'{max(t.num_steps - start, 0)} steps to go')
   eval_key = jax.random.key_data(jax.random.key(cfg.seed + 1))
+  step_fn = eval_fn = batch_shard = None
   last = {}
   pending = None  # (step, device metrics): read one step late so the host never stalls the device
   t0, t0_step = time.time(), start
@@ -134,16 +201,21 @@ def run(cfg, workdir: str, devices=None) -> dict:
           'train.lr or a longer train.warmup_steps.')
     if s % t.log_every == 0 or s in (1, t.num_steps):
       now = time.time()
-      tps = tokens_per_step * (s - t0_step) / max(now - t0, 1e-9)
+      tps = data.tokens_per_step * (s - t0_step) / max(now - t0, 1e-9)
       t0, t0_step = now, s
       last = {'train/loss': loss, 'train/grad_norm': float(m['grad_norm']),
               'train/tokens_per_sec': tps}
       writer.write(s, last)
-      _log(f'step {s}/{t.num_steps} | loss {loss:.4f} | {tps:,.0f} tok/s')
+      log(f'{cfg.mode} step {s}/{t.num_steps} | loss {loss:.4f} | {tps:,.0f} tok/s')
 
   for s in range(start + 1, t.num_steps + 1):
-    batch = sharding.global_batch(next(it), batch_shard)
-    state, m = step_fn(state, batch)
+    local = data.to_batch(next(data.iterator))
+    if step_fn is None:  # shardings follow the batch's keys and ranks
+      batch_shard = sharding.batch_shardings(local, trainer.mesh, trainer.rules)
+      step_fn = trainer.compile_step(diffusion_objective(cfg.diffusion, trainer.mcfg.mask_id),
+                                     batch_shard)
+      eval_fn = make_eval_step(trainer, cfg.diffusion, batch_shard)
+    state, m = step_fn(state, sharding.global_batch(local, batch_shard))
     drain()
     pending = (s, m)
     if s % t.eval_every == 0 or s == t.num_steps:
@@ -151,38 +223,16 @@ def run(cfg, workdir: str, devices=None) -> dict:
       params = state.ema if trainer.use_ema else state.params
       sums = [eval_fn(params, sharding.global_batch(b, batch_shard),
                       jax.random.fold_in(jax.random.wrap_key_data(eval_key), i))
-              for i, b in enumerate(eval_data)]
+              for i, b in enumerate(data.eval_batches)]
       ev = float(sum(x['loss_sum'] for x in sums) / sum(x['tokens'] for x in sums))
       writer.write(s, {'eval/loss': ev})
-      _log(f'step {s} | eval loss {ev:.4f}')
+      log(f'{cfg.mode} step {s} | eval loss {ev:.4f}')
     if s % t.checkpoint_every == 0 or s == t.num_steps:
       drain()  # never write a checkpoint whose step produced a non-finite loss
-      ckpt.save(s, state, json.dumps(all_iterator_states(it)), cfg.to_dict())
+      ckpt.save(s, trainer.to_items(state), data_lib.all_iterator_states(data.iterator),
+                cfg.to_dict())
   drain()
   ckpt.wait()
   ckpt.close()
   writer.close()
   return last
-
-
-def all_iterator_states(it) -> list[str]:
-  """Every process's data position (each reads its own documents), gathered for one file."""
-  mine = data_lib.iterator_state(it)
-  if jax.process_count() == 1:
-    return [mine]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  raw = np.frombuffer(mine.encode(), np.uint8)
-  n = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
-  padded = np.zeros(n, np.uint8)
-  padded[:raw.size] = raw
-  rows = multihost_utils.process_allgather(padded)
-  return [bytes(r).rstrip(b'\0').decode() for r in np.asarray(rows).reshape(-1, n)]
-
-
-def _as_json(x):
-  return json.loads(json.dumps(x))
-
-
-def _log(msg: str):
-  if jax.process_index() == 0:
-    print(msg, flush=True)

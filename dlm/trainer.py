@@ -46,6 +46,15 @@ def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
   return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
 
 
+def abstract_params(mcfg: model_lib.ModelConfig, mesh, rules):
+  """(graphdef, parameters as ShapeDtypeStructs carrying their shardings): the model's
+  structure with nothing allocated — what `init` creates and a restore fills in."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(mcfg, nnx.Rngs(0))))
+  shardings = nnx.to_pure_dict(sharding.param_shardings(state, rules, mesh))
+  return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                nnx.to_pure_dict(state), shardings)
+
+
 class Trainer:
   """Holds the static pieces (graphdef, optimizer, shardings) of one model on one mesh."""
 
@@ -54,10 +63,8 @@ class Trainer:
     self.base_key = jax.random.key_data(jax.random.key(seed))
     self.optimizer = make_optimizer(train_cfg)
     self.use_ema = train_cfg.ema_max_decay > 0
-    abstract = nnx.eval_shape(lambda: model_lib.Transformer(mcfg, nnx.Rngs(0)))
-    self.graphdef, abstract_params = nnx.split(abstract)
-    self.param_shardings = nnx.to_pure_dict(
-        sharding.param_shardings(abstract_params, rules, mesh))
+    self.graphdef, abstract = abstract_params(mcfg, mesh, rules)
+    self.param_shardings = jax.tree.map(lambda a: a.sharding, abstract)
     abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
     self.state_shardings = self._state_shardings(abstract_state)
     self.abstract_state = jax.tree.map(
@@ -90,6 +97,29 @@ class Trainer:
     """Parameters are created directly in their shards (no host holds the full model)."""
     init = jax.jit(self._init, out_shardings=self.state_shardings)
     return init(self.base_key)
+
+  def state_from_params(self, params) -> TrainState:
+    """A fresh optimizer (and EMA) around given parameters: RL and SFT from a checkpoint.
+    The parameters are copied: updates donate the state's buffers."""
+    def make(p):
+      p = jax.tree.map(jnp.copy, p)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                        opt_state=self.optimizer.init(p), ema=p if self.use_ema else None)
+    return jax.jit(make, out_shardings=self.state_shardings)(params)
+
+  # The checkpoint items of a state (see dlm.checkpoint): parameters load without the rest.
+  @staticmethod
+  def to_items(state: TrainState) -> dict:
+    return {'params': state.params, 'ema': state.ema,
+            'opt': {'step': state.step, 'opt_state': state.opt_state}}
+
+  @staticmethod
+  def from_items(items: dict) -> TrainState:
+    return TrainState(step=items['opt']['step'], params=items['params'],
+                      opt_state=items['opt']['opt_state'], ema=items.get('ema'))
+
+  def abstract_items(self) -> dict:
+    return self.to_items(self.abstract_state)
 
   def model(self, params) -> nnx.Module:
     return nnx.merge(self.graphdef, params)

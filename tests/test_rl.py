@@ -1,5 +1,6 @@
-"""The RL pipeline end to end on the `tiny` preset: exact resume (also after SIGKILL),
-on-policy objective identities in the logs, objectives and off-policy paths, clear errors."""
+"""The RL pipeline end to end on the `tiny` presets of Countdown AND Sudoku (one code path):
+exact resume (also after SIGKILL), objective identities in the logs, off-policy paths, reward
+errors, loading from the workdir alone, the config check on resume, clear errors."""
 import json
 import os
 import signal
@@ -12,17 +13,22 @@ import jax
 import numpy as np
 import pytest
 
-from configs import rl_countdown
+from configs import rl_countdown, rl_sudoku, sample as sample_configs
+from dlm import generate
 from dlm import metrics as metrics_lib
 from dlm import rl
-from dlm.tasks import countdown
+from dlm import sft
+from dlm import tasks
+from dlm.errors import ConfigError, ConfigMismatchError
+from dlm.tasks import countdown, sudoku
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ('rl/rollout_seconds', 'rl/update_seconds')
+CONFIGS = {'countdown': rl_countdown, 'sudoku': rl_sudoku}
 
 
-def tiny(**over):
-  c = rl_countdown.get_config('tiny')
+def tiny(task='countdown', **over):
+  c = CONFIGS[task].get_config('tiny')
   for k, v in over.items():
     section, key = k.split('.')
     c[section][key] = v
@@ -36,33 +42,72 @@ def rows(workdir):
   return out
 
 
-@pytest.fixture(scope='module')
-def straight(tmp_path_factory):
-  w = tmp_path_factory.mktemp('rl_straight')
-  rl.run(tiny(), str(w))
-  return w
+def snapshot(root: Path) -> dict:
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in root.rglob('*') if p.is_file()}
+
+
+@pytest.fixture(scope='module', params=sorted(CONFIGS))
+def straight(request, tmp_path_factory):
+  """One uninterrupted tiny run per task, shared by the tests of this module (read only)."""
+  w = tmp_path_factory.mktemp(f'rl_{request.param}')
+  rl.run(tiny(request.param), str(w))
+  return request.param, w
 
 
 def test_log_has_the_contract_metrics_and_plots(straight):
-  r = metrics_lib.read_metrics(straight)
+  task, w = straight
+  r = metrics_lib.read_metrics(w)
   evals = [x for x in r if 'eval/accuracy' in x]
   assert [x['step'] for x in evals] == [0, 2, 4]
+  assert all(0 <= x['eval/reward_mean'] <= 1 for x in evals)
   train = [x for x in r if 'rl/reward_mean' in x]
   assert [x['step'] for x in train] == [1, 2, 3, 4]
   for x in train:
     assert 0 <= x['rl/accuracy'] <= 1 and 0 <= x['rl/reward_mean'] <= 1
+    assert x['rl/reward_errors'] == 0
     # On-policy BGPO: d_j = 0 so R_lb = A, and group advantages have zero mean.
     assert abs(x['rl/objective']) < 1e-5
-  assert (straight / 'plots' / 'rl.png').stat().st_size > 1000
+  assert (w / 'plots' / 'rl.png').stat().st_size > 1000
+  # The warm start is an SFT run of the one training loop, in its own workdir.
+  ws = metrics_lib.read_metrics(w / 'warmstart')
+  assert [x['step'] for x in ws if 'train/loss' in x] == [1, 2, 4]
+  assert any('eval/loss' in x for x in ws)
 
 
 def test_resume_reproduces_the_uninterrupted_run(straight, tmp_path):
-  rl.run(tiny(**{'rl.num_steps': 2}), str(tmp_path))
-  rl.run(tiny(), str(tmp_path))
-  assert rows(tmp_path) == rows(straight)
+  task, w = straight
+  rl.run(tiny(task, **{'rl.num_steps': 2}), str(tmp_path))
+  rl.run(tiny(task), str(tmp_path))
+  assert rows(tmp_path) == rows(w)
+
+
+def test_resume_with_a_changed_key_stops_and_changes_nothing(straight, tmp_path):
+  task, w = straight
+  before = snapshot(w)
+  with pytest.raises(ConfigMismatchError, match=r'rl.num_mc \(2 → 3\)'):
+    rl.run(tiny(task, **{'rl.num_mc': 3, 'rl.num_steps': 6}), str(w))
+  assert snapshot(w) == before
+
+
+def test_sample_mode_reads_an_rl_workdir_and_writes_only_samples(straight):
+  task, w = straight
+  before = snapshot(w)
+  s = sample_configs.get_config()
+  s.sampler.update(gen_length=16, steps=16, block_length=8)
+  s.prompts, s.num_samples, s.batch_size, s.output = ('',), 2, 2, 'samples_test.jsonl'
+  records = generate.run(s, str(w))
+  assert len(records) == 2 and all(r['step'] == 4 for r in records)
+  after = snapshot(w)
+  assert set(after) - set(before) == {'samples_test.jsonl'}
+  assert {k: v for k, v in after.items() if k != 'samples_test.jsonl'} == before
+  (w / 'samples_test.jsonl').unlink()
 
 
 def test_sigkill_mid_run_then_rerun_reproduces_the_metrics(straight, tmp_path):
+  task, w = straight
+  if task != 'countdown':
+    return  # one task suffices: the resume path is task-independent (tested above for both)
   cmd = [sys.executable, '-m', 'dlm.main', '--config=configs/rl_countdown.py:tiny',
          f'--workdir={tmp_path}']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
@@ -83,14 +128,33 @@ def test_sigkill_mid_run_then_rerun_reproduces_the_metrics(straight, tmp_path):
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   assert 'resumed RL from step 2' in done.stdout
-  assert rows(tmp_path) == rows(straight)
+  assert rows(tmp_path) == rows(w)
+
+
+def test_reward_errors_are_counted_and_score_zero(tmp_path, monkeypatch):
+  original = tasks.get('sudoku').reward
+  calls = []
+
+  def flaky(completion, problem):
+    calls.append(1)
+    if len(calls) % 2:
+      raise RuntimeError('a reward bug')
+    return original(completion, problem)
+
+  monkeypatch.setattr(tasks.get('sudoku'), 'reward', flaky)
+  rl.run(tiny('sudoku', **{'rl.num_steps': 2, 'rl.eval_every': 100}), str(tmp_path))
+  train = [x for x in metrics_lib.read_metrics(tmp_path) if 'rl/reward_errors' in x]
+  assert [x['rl/reward_errors'] for x in train] == [4.0, 4.0]  # 8 rollouts a step, every 2nd
 
 
 def synthetic_batch(setup, n):
-  """n responses (the SFT targets of training problems) with non-zero, non-centred advantages."""
-  sup = setup.enc.supervised(np.arange(n))
+  """n responses (demonstrations of training problems) with non-zero, non-centred advantages."""
+  problems = setup.train[:n]
+  ids, attend = setup.enc.prompts(problems)
+  resp = setup.enc.responses([setup.task.demonstration(p) for p in problems])
+  ex = setup.enc.examples(ids, attend, resp)
   adv = np.linspace(-1.0, 2.0, n).astype(np.float32)
-  return setup.learner.batch(sup['tokens'], sup['attend'], adv, jax.random.key(5))
+  return setup.learner.batch(ex['tokens'], ex['attend'], adv, jax.random.key(5))
 
 
 @pytest.mark.parametrize('over', [
@@ -106,73 +170,94 @@ def test_off_policy_first_update_sees_theta_equal_theta_old(over, tmp_path):
   learner, trainer = setup.learner, setup.trainer
   n = learner.responses
   batch = synthetic_batch(setup, n)
-  state = trainer.init_state()
+  state = trainer.state_from_params(setup.init_params)
   old = np.asarray(learner.old_terms(state.params, batch))
   if over['rl.objective'] == 'diffu_grpo':
     b = {**batch, 'iteration': np.zeros((n,), np.int32), 'logp_old_BxT': old[0],
          'logp_ref_BxT': old[0]}
-    rows = np.arange(n)
+    idx = np.arange(n)
   else:
-    rows = np.arange(n).reshape(2, -1)[0]
-    b = jax.tree.map(lambda x: x[rows], {**batch, 'ell_old_BxN': old})
+    idx = np.arange(n).reshape(2, -1)[0]
+    b = jax.tree.map(lambda x: x[idx], {**batch, 'ell_old_BxN': old})
   _, m = learner.step(state, b)
-  np.testing.assert_allclose(m['objective'], -batch['adv_B'][rows].mean(), rtol=1e-5,
+  np.testing.assert_allclose(m['objective'], -batch['adv_B'][idx].mean(), rtol=1e-5,
                              atol=1e-6)
   assert m['grad_norm'] > 0
 
 
 @pytest.mark.parametrize('over', [
     {'rl.num_minibatches': 2, 'rl.num_prompts': 4},
+    # θ drifts far from θ_old within one rollout batch: 4 mini-batch updates at a huge lr.
+    {'rl.num_minibatches': 4, 'rl.num_prompts': 8, 'train.lr': 0.3, 'train.clip_norm': 0.0},
     {'rl.objective': 'diffu_grpo', 'rl.inner_updates': 2, 'rl.kl_beta': 0.04},
 ])
 def test_off_policy_runs_complete_and_checkpoint(over, tmp_path):
   last = rl.run(tiny(**{'rl.num_steps': 3, 'rl.eval_every': 100, 'rl.checkpoint_every': 3,
                         **over}), str(tmp_path))
-  assert np.isfinite(last['rl/objective'])
+  assert np.isfinite(last['rl/objective']) and np.isfinite(last['rl/grad_norm'])
   assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [3]
 
 
 def test_paper_preset_without_checkpoint_names_the_way_forward(tmp_path):
-  with pytest.raises(ValueError, match='rl_countdown.py:cpu'):
+  with pytest.raises(ConfigError, match='rl_countdown.py:cpu'):
     rl.run(rl_countdown.get_config('paper'), str(tmp_path))
 
 
 def test_bad_rl_values_are_clear_errors(tmp_path):
-  with pytest.raises(ValueError, match='group_size'):
+  with pytest.raises(ConfigError, match='group_size'):
     rl.run(tiny(**{'rl.group_size': 1}), str(tmp_path))
-  with pytest.raises(ValueError, match='objective'):
+  with pytest.raises(ConfigError, match='objective'):
     rl.run(tiny(**{'rl.objective': 'ppo'}), str(tmp_path))
-  with pytest.raises(ValueError, match='problem_fraction'):
+  with pytest.raises(ConfigError, match='problem_fraction'):
     rl.run(tiny(**{'warmstart.disjoint': True}), str(tmp_path))
-  with pytest.raises(ValueError, match='data-parallel'):
+  with pytest.raises(ConfigError, match='data-parallel'):
     rl.run(tiny(**{'rl.num_minibatches': 2}), str(tmp_path))  # 4 rows over 8 devices
+  with pytest.raises(ConfigError, match='task.name'):
+    rl.run(tiny(**{'task.name': 'chess'}), str(tmp_path))
+  with pytest.raises(ConfigError, match='demo_error'):
+    rl.run(tiny(**{'warmstart.demo_error': 1.0}), str(tmp_path))
+  assert not any(tmp_path.iterdir())  # every check ran before any work
 
 
 def test_problem_split_partitions_at_random_when_disjoint():
-  ws, rl_rows = rl.problem_split(tiny(**{'warmstart.disjoint': True,
-                                         'warmstart.problem_fraction': 0.3}), 1000)
+  c = tiny(**{'warmstart.disjoint': True, 'warmstart.problem_fraction': 0.3})
+  ws, rl_rows = sft.problem_split(c.warmstart, c.seed, 1000)
   assert len(ws) == 300 and np.intersect1d(ws, rl_rows).size == 0
   np.testing.assert_array_equal(np.union1d(ws, rl_rows), np.arange(1000))
   # Not a positional split: later (rarer, harder) problems land on both sides.
   assert 0.4 < np.mean(ws >= 500) < 0.6
-  ws, rl_rows = rl.problem_split(tiny(**{'warmstart.problem_fraction': 0.3}), 1000)
+  c = tiny(**{'warmstart.problem_fraction': 0.3})
+  ws, rl_rows = sft.problem_split(c.warmstart, c.seed, 1000)
   np.testing.assert_array_equal(ws, np.arange(300))
   np.testing.assert_array_equal(rl_rows, np.arange(1000))
 
 
-def test_demo_error_replaces_a_seeded_fraction_of_demonstrations(tmp_path):
-  def decoded(cfg):
-    enc = rl.build(cfg, str(tmp_path)).enc
-    return enc, [enc.completion(np.concatenate([enc.train_ids[i], row]))
-                 for i, row in enumerate(enc.targets())]
+@pytest.mark.parametrize('task_name', sorted(CONFIGS))
+def test_demo_error_replaces_a_seeded_fraction_of_demonstrations(task_name, tmp_path):
+  def demos(demo_error):
+    cfg = rl.sft_config(tiny(task_name, **{'warmstart.demo_error': demo_error}), str(tmp_path))
+    task, train, _ = sft.task_problems(cfg, tmp_path)
+    return task, train, sft.demonstrations(cfg, task, train)
 
-  enc, clean = decoded(tiny(**{'warmstart.demo_error': 0.0}))
-  assert all(countdown.reward(c, p.numbers, p.target) == 1.0 for c, p in zip(clean, enc.train))
-  enc, noisy = decoded(tiny(**{'warmstart.demo_error': 0.5}))
-  lazy = [c == countdown.lazy_answer(p) != countdown.compact_solution(p)
-          for c, p in zip(noisy, enc.train)]
+  task, train, clean = demos(0.0)
+  assert all(task.reward(c, p) == 1.0 for c, p in zip(clean, train))
+  _, _, noisy = demos(0.5)
+  lazy = [c == sft.LAZY[task_name](p) != task.demonstration(p) for c, p in zip(noisy, train)]
   assert 0.35 < np.mean(lazy) < 0.65
-  assert all(c == countdown.compact_solution(p) for c, p, l in zip(noisy, enc.train, lazy)
-             if not l and c != countdown.lazy_answer(p))
-  with pytest.raises(ValueError, match='demo_error'):
-    rl.build(tiny(**{'warmstart.demo_error': 1.0}), str(tmp_path))
+  assert all(c == task.demonstration(p) for c, p, l in zip(noisy, train, lazy) if not l)
+  # The lazy demonstrator is imperfect but scored above zero.
+  scores = [task.reward(sft.LAZY[task_name](p), p) for p in train[:50]]
+  assert 0 < np.mean(scores) < 1
+
+
+def test_lazy_demonstrators_by_hand():
+  cd = tasks.get('countdown')
+  p = countdown.Problem((16, 1, 13), 3)
+  assert sft.LAZY['countdown'](p) == '<answer>16+1+13</answer>'
+  assert cd.reward(sft.LAZY['countdown'](p), p) == 0.1  # 30 ≠ 3: right numbers, wrong value
+  q = countdown.Problem((2, 3, 4), 9)
+  assert cd.reward(sft.LAZY['countdown'](q), q) == 1.0  # the sum happens to be the target
+  puzzle = sudoku.Puzzle('3102200002100320', '3142243142131324')
+  assert sft.LAZY['sudoku'](puzzle) == '<answer>3112211112111321</answer>'
+  # Blanks (positions 2, 5, 6, 7, 8, 11, 12, 15) get '1'; the solution has 1 at 7 and 12 only.
+  assert tasks.get('sudoku').reward(sft.LAZY['sudoku'](puzzle), puzzle) == 2 / 8

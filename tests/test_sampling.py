@@ -290,15 +290,11 @@ def test_config_errors_and_sample_config_mirrors_sampler():
 def test_sample_mode_writes_jsonl(tmp_path):
   """`generate.run` rebuilds model and tokenizer from a workdir's checkpoint alone."""
   from configs import pretrain
-  from dlm import checkpoint, data, generate, train
+  from dlm import generate, train
   c = pretrain.get_config('tiny')
-  c.data.update(builtin_documents=300, vocab_size=96, seq_len=32, batch_size=8)
-  tok, src, _, trainer = train.setup(c, str(tmp_path))
-  ckpt = checkpoint.Checkpointer(str(tmp_path))
-  it = data.make_train_iterator(src, tok, seq_len=32, global_batch=8, seed=0)
-  ckpt.save(7, trainer.init_state(), data.iterator_state(it), c.to_dict())
-  ckpt.wait()
-  ckpt.close()
+  c.data.update(builtin_documents=300, vocab_size=96, seq_len=32, batch_size=8, eval_batches=1)
+  c.train.update(num_steps=7, checkpoint_every=7, eval_every=7)
+  train.run(c, str(tmp_path))
   s = sample_configs.get_config('fast')
   s.sampler.update(gen_length=16, block_length=8)
   s.prompts, s.num_samples, s.batch_size = ('alice has', ''), 3, 4  # 6 rows: a padded 2nd batch

@@ -12,6 +12,8 @@ import pytest
 
 from configs import pretrain
 from dlm import checkpoint as ckpt_lib
+from dlm import main as main_lib
+from dlm.errors import ConfigError, DlmError
 from dlm import metrics as metrics_lib
 from dlm import train
 
@@ -83,17 +85,17 @@ def test_restore_onto_a_different_mesh(straight, tmp_path):
 def test_non_finite_loss_stops_without_touching_good_checkpoints(tmp_path, monkeypatch):
   train.run(tiny(4), str(tmp_path))
   good = losses(tmp_path)
-  original = train.pretrain_loss
+  original = train.diffusion_objective
 
   def poisoned(dcfg, mask_id):
     f = original(dcfg, mask_id)
 
-    def loss_fn(model, tokens, key, j):
-      obj, sums = f(model, tokens, key, j)
+    def loss_fn(model, batch, key, j):
+      obj, sums = f(model, batch, key, j)
       return obj * jnp.nan, {**sums, 'loss_sum': sums['loss_sum'] * jnp.nan}
     return loss_fn
 
-  monkeypatch.setattr(train, 'pretrain_loss', poisoned)
+  monkeypatch.setattr(train, 'diffusion_objective', poisoned)
   with pytest.raises(train.NonFiniteLossError, match='step 5'):
     train.run(tiny(8), str(tmp_path))
   monkeypatch.undo()
@@ -103,10 +105,10 @@ def test_non_finite_loss_stops_without_touching_good_checkpoints(tmp_path, monke
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
   train.run(tiny(4), str(tmp_path))
-  for f in (tmp_path / 'checkpoints' / '4' / 'state').rglob('*'):
+  for f in (tmp_path / 'checkpoints' / '4' / 'params').rglob('*'):
     if f.is_file():
       f.write_bytes(b'garbage')
-  with pytest.raises(ckpt_lib.CheckpointError, match='could not be restored'):
+  with pytest.raises(ckpt_lib.CheckpointError, match='damaged'):
     train.run(tiny(8), str(tmp_path))
 
 
@@ -145,3 +147,62 @@ def test_bad_values_are_clear_errors(tmp_path):
   c = tiny(2, data=3)
   with pytest.raises(ValueError, match='devices'):
     train.run(c, str(tmp_path))
+
+
+def test_resume_with_a_shape_changing_key_is_one_line_and_changes_nothing(tmp_path):
+  """The workdir of a finished run, rerun as a new user would with another d_model."""
+  w = tmp_path / 'run'
+  train.run(tiny(4), str(w))
+  before = {p: p.read_bytes() for p in w.rglob('*') if p.is_file()}
+  r = _main('--config.model.d_model=96', '--config.data.builtin_documents=400', workdir=w)
+  assert r.returncode == 1 and 'Traceback' not in r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'model.d_model (64 → 96)' in errors[0]
+  assert 'damaged' not in errors[0]
+  assert {p: p.read_bytes() for p in w.rglob('*') if p.is_file()} == before
+  # The same key changed in code: the error names it before anything is restored or written.
+  c = tiny(8)
+  c.model.n_layers = 3
+  with pytest.raises(ckpt_lib.ConfigMismatchError, match=r'model.n_layers \(2 → 3\)'):
+    train.run(c, str(w))
+  assert {p: p.read_bytes() for p in w.rglob('*') if p.is_file()} == before
+
+
+def test_main_prints_user_errors_as_one_line_and_keeps_tracebacks_of_bugs(monkeypatch, capsys):
+  c = tiny(2)
+
+  def user_problem(cfg, workdir):
+    raise ConfigError('data.batch_size=3 must be ≥ 4')
+
+  monkeypatch.setattr(train, 'run', user_problem)
+  assert main_lib.dispatch(c, '/nonexistent') == 1
+  assert capsys.readouterr().err == 'error: data.batch_size=3 must be ≥ 4\n'
+
+  def bug(cfg, workdir):
+    raise ValueError('operands could not be broadcast together')  # a shape bug: not a DlmError
+
+  monkeypatch.setattr(train, 'run', bug)
+  with pytest.raises(ValueError, match='broadcast'):
+    main_lib.dispatch(c, '/nonexistent')
+  assert not issubclass(ValueError, DlmError)
+
+
+@pytest.mark.parametrize('preset', ['radd_small', 'radd_medium'])
+def test_radd_presets_say_what_to_pass_before_any_data_work(preset, tmp_path):
+  with pytest.raises(ConfigError, match='text_files.*vocab_size=50257'):
+    train.run(pretrain.get_config(preset), str(tmp_path))
+  assert not any(tmp_path.iterdir())  # no corpus, no tokenizer, no lock file
+  c = pretrain.get_config(preset)
+  c.data.update(corpus='text_files', text_files='/a.txt', vocab_size=777)
+  with pytest.raises(ConfigError, match='data.vocab_size=777.*50257'):
+    train.run(c, str(tmp_path))
+  assert not any(tmp_path.iterdir())
+
+
+def test_accelerators_compute_in_bf16_by_default(monkeypatch):
+  from dlm import model as model_lib
+  c = pretrain.get_config('radd_small')
+  assert c.model.dtype == 'auto' and c.model.param_dtype == 'float32'
+  assert model_lib.config_from(c.model).dtype == 'float32'  # this CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert model_lib.config_from(c.model).dtype == 'bfloat16'

@@ -22,14 +22,19 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx
 
-from configs import pretrain
+from ml_collections import ConfigDict, config_flags
+
 from dlm import checkpoint as ckpt_lib
 from dlm import data as data_lib
-from dlm import generate
+from dlm import task_tokens
 from dlm import model as model_lib
 from dlm import sampling as S
 from dlm import train as train_lib
+from dlm import workdir as workdir_lib
 
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/pretrain.py:tiny',
+                                          'pretraining config of the part-2 model (its sizes '
+                                          'are then set by the flags below)')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/dlm_bench_sampling', 'trained model cache')
 _QUICK = flags.DEFINE_bool('quick', False, 'tiny sizes: a smoke test of the script')
 _RADD_LEN = flags.DEFINE_integer('radd_len', 1024, 'RADD sequence length l')
@@ -86,7 +91,7 @@ def radd_part(l: int, steps: list[int]) -> tuple[list[dict], dict]:
 def trained_model(workdir: str):
   """Trains (once) a small model on sequences of ≥ prompt + gen_length tokens (a multiple of
   64); returns its pieces. A workdir that already holds that step is reused, not retrained."""
-  c = pretrain.get_config('tiny')
+  c = ConfigDict(_CONFIG.value.to_dict())
   c.model.update(d_model=_D_MODEL.value, n_layers=_LAYERS.value, mlp_dim=4 * _D_MODEL.value)
   c.data.update(seq_len=-(-(_PROMPT.value + _GEN.value) // 64) * 64, builtin_documents=8000)
   c.train.update(num_steps=_TRAIN_STEPS.value, log_every=100, eval_every=_TRAIN_STEPS.value,
@@ -99,7 +104,7 @@ def trained_model(workdir: str):
     train_lib.run(c, workdir)
   train_s = time.perf_counter() - t
   # Raw weights: with a few hundred steps the EMA (decay up to 0.999) still remembers the init.
-  tok, graphdef, params, step = generate.load(workdir, _TRAIN_STEPS.value, use_ema=False)
+  tok, _, graphdef, params, _, step = workdir_lib.load(workdir, _TRAIN_STEPS.value, use_ema=False)
   _, _, eval_src = data_lib.prepare(c.data, workdir)
   return tok, graphdef, params, step, eval_src, train_s
 
@@ -109,7 +114,7 @@ def decode_part(workdir: str) -> tuple[list[dict], dict]:
   P, G, K, B = _PROMPT.value, _GEN.value, _BLOCK.value, _BATCH.value
   docs = (tok.encode(data_lib.example_text(eval_src[i])) for i in range(len(eval_src)))
   prompts = [d[:P] for d in docs if len(d) >= P][:B]
-  ids, mask = generate.left_pad(prompts, P)
+  ids, mask = task_tokens.left_pad(prompts, P)
   base = dict(gen_length=G, block_length=K)
   runs = {'semi_ar': S.SamplerConfig('semi_ar', steps=G, **base)}
   for cache in S.CACHES:

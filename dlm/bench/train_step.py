@@ -1,6 +1,7 @@
 """MFU of a full pretraining step: model FLOP/s ÷ f32 matmul FLOP/s measured in the same run.
 
-`python -m dlm.bench.train_step [--preset=bench20m|radd_small] [--dtype=float32|bfloat16]`
+`python -m dlm.bench.train_step [--preset=bench20m|radd_small] [--dtype=float32|bfloat16]`, from
+the repository root (the model comes from `--config`, by default configs/pretrain.py:radd_small).
 Prints a table and, last, one JSON line. On CPU the denominator is this machine's own dense
 matmul rate (no vendor peak exists); on GPU/TPU the vendor bf16 peak is reported beside it.
 """
@@ -11,15 +12,17 @@ import time
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_flags
 
-from configs import pretrain
 from dlm import metrics as metrics_lib
 from dlm import model as model_lib
 from dlm import sharding
 from dlm import train as train_lib
 from dlm import trainer as trainer_lib
 
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/pretrain.py:radd_small',
+                                          'pretraining config whose model, optimizer and loss '
+                                          'are timed')
 _PRESET = flags.DEFINE_string('preset', 'bench20m', 'bench20m (CPU) or radd_small (accelerator)')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'compute dtype')
 _BATCH = flags.DEFINE_integer('batch', 8, 'sequences per step')
@@ -28,7 +31,7 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'timed steps (after one warm-up); best
 
 
 def bench_config(preset: str) -> ConfigDict:
-  c = pretrain.get_config('radd_small')
+  c = ConfigDict(_CONFIG.value.to_dict())
   c.model.dropout = 0.0
   if preset == 'bench20m':  # ~20M params: d 384, 8 layers, vocab 8192+1
     c.model.update(num_embeddings=8193, mask_id=8192, d_model=384, n_layers=8, n_heads=6,
@@ -62,10 +65,10 @@ def main(argv):
   mesh = sharding.make_mesh(ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}), dev)
   trainer = trainer_lib.Trainer(mcfg, c.train, mesh, c.sharding.rules, seed=0)
   state = trainer.init_state()
-  shard = sharding.batch_sharding(mesh, c.sharding.rules)
-  step = trainer.compile_step(train_lib.pretrain_loss(c.diffusion, mcfg.mask_id), shard)
-  tokens = jax.device_put(jax.random.randint(jax.random.key(0), (_BATCH.value, _SEQ.value), 0,
-                                             mcfg.mask_id), shard)
+  shard = {'tokens': sharding.batch_sharding(mesh, c.sharding.rules)}
+  step = trainer.compile_step(train_lib.diffusion_objective(c.diffusion, mcfg.mask_id), shard)
+  tokens = jax.device_put({'tokens': jax.random.randint(
+      jax.random.key(0), (_BATCH.value, _SEQ.value), 0, mcfg.mask_id)}, shard)
   holder = [state]
 
   def one_step():

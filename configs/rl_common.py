@@ -1,0 +1,81 @@
+"""The RL config shared by every task's file (`rl_countdown.py`, `rl_sudoku.py`): policy, sampler,
+objective, optimizer, warm start and mesh. Each task file adds its `task` keys and presets."""
+import ml_collections
+
+from configs import pretrain
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = 'rl'
+  c.seed = 0
+  c.model = pretrain.get_config('llada_8b').model.copy_and_resolve_references()
+  c.model.unlock()
+  c.model.remat = 'full'
+
+  c.init = i = ml_collections.ConfigDict()
+  i.checkpoint = ''  # a dlm workdir (any mode): its parameters, tokenizer and architecture
+  i.use_ema = True  # start from its EMA parameters when it kept them
+
+  c.task = t = ml_collections.ConfigDict()  # the task's file adds name, eval_file and its keys
+  t.prompt = 'd1'  # 'd1' (the d1 training prompt) | 'compact' (tiny models)
+  t.chat_template = ''  # '' = raw prompt; else text with '{prompt}' (e.g. a chat model's turns)
+  t.train_size = 50_000
+  t.test_size = 256  # held-out problems generated disjoint from training (eval_file '')
+
+  c.sampler = s = ml_collections.ConfigDict()  # rollouts (mirrors dlm.sampling.SamplerConfig)
+  s.strategy = 'semi_ar'
+  s.gen_length = 256
+  s.steps = 128
+  s.block_length = 32
+  s.temperature = 1.0
+  s.remasking = 'low_confidence'
+  s.threshold = 0.9
+  s.cache = 'none'
+  c.eval_sampler = e = ml_collections.ConfigDict()  # held-out evaluation: greedy (d1 protocol)
+  e.steps = 256
+  e.batch_size = 64
+
+  c.rl = r = ml_collections.ConfigDict()
+  r.objective = 'bgpo'  # 'bgpo' | 'vrpo_ol' | 'diffu_grpo'
+  r.num_steps = 560
+  r.num_prompts = 16
+  r.group_size = 8
+  r.num_mc = 16  # n_t: Monte Carlo samples of the ELBO per response (bgpo, vrpo_ol)
+  r.num_minibatches = 1  # > 1: off-policy, ℓ_old computed once per (response, sample)
+  r.inner_updates = 1  # diffu_grpo: μ updates per rollout, each with a fresh prompt mask
+  r.clip_eps = 0.2  # diffu_grpo
+  r.kl_beta = 0.0  # diffu_grpo: k3 KL to the initial policy (0 = no reference model)
+  r.prompt_mask_prob = 0.15  # diffu_grpo
+  r.log_every = 1
+  r.eval_every = 50
+  r.checkpoint_every = 10
+  r.keep_checkpoints = 3
+
+  # The optimizer of the RL updates.
+  c.train = pretrain.optimizer(lr=5e-7, warmup_steps=1, b2=0.99, ema_max_decay=0.0)
+
+  # Supervised warm start (SFT with the one training loop, in <workdir>/warmstart) when there is
+  # no init.checkpoint; 0 steps = none.
+  c.warmstart = w = ml_collections.ConfigDict()
+  w.steps = 0
+  w.batch_size = 64
+  w.lr = 1e-3
+  w.warmup_steps = 50
+  w.loss = 'k_dce'  # prompt-aware masked-diffusion loss over the response only
+  w.vocab_size = 48  # pieces of the tokenizer trained on the task texts
+  w.demo_error = 0.0  # fraction of demonstrations replaced by a lazy demonstrator's (dlm.sft)
+  w.problem_fraction = 1.0  # the warm start reads this fraction of the training problems
+  w.disjoint = False  # True: a seeded random split, RL prompts come from the rest only
+  w.log_every = 50
+  w.checkpoint_every = 200
+
+  c.sharding = pretrain.base_config().sharding
+  return c
+
+
+def tiny_model(c, **sizes) -> None:
+  """The CPU presets' policy: the pretraining `tiny` architecture at the given sizes, float32."""
+  c.model = pretrain.get_config('tiny').model.copy_and_resolve_references()
+  c.model.unlock()
+  c.model.update(remat='none', **sizes)

@@ -1,0 +1,127 @@
+"""Supervised fine-tuning data (the RL warm start is SFT): a task's (prompt, demonstration)
+pairs as batches for the one training loop (`dlm.train`, mode 'sft').
+
+The prompt is never masked (LLaDA SFT): batches carry `maskable` (response positions) and
+`attend` (not left padding). Problems come from the task (`dlm.tasks`); a seeded
+`sft.problem_fraction` of the training problems is read here, and with `sft.disjoint` RL reads
+only the rest. The stream is a grain iterator of shuffled index batches, identical on every
+process; each process takes its contiguous share of the global batch.
+"""
+import grain
+import jax
+import numpy as np
+from etils import epath
+
+from dlm import data as data_lib
+from dlm import task_tokens
+from dlm import tasks
+from dlm.tasks import base as tasks_base
+from dlm import workdir as workdir_lib
+from dlm.errors import ConfigError
+from dlm.tokenizer import Tokenizer
+
+_TOKENIZER_TEXTS = 5000  # training problems whose prompt + demonstration fit the tokenizer
+
+
+# What a lazy demonstrator writes (`sft.demo_error`, the CPU demo's imperfect warm start): well
+# formed and scored above 0, but usually wrong, so RL must learn from the reward to do better.
+LAZY = {
+    'countdown': lambda p: f"<answer>{'+'.join(map(str, p.numbers))}</answer>",  # all added
+    'sudoku': lambda p: f"<answer>{p.puzzle.replace('0', '1')}</answer>",  # blanks as 1
+}
+
+
+def problem_split(split_cfg, seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Indices of the training problems read by (the warm start / SFT, RL).
+
+  SFT reads a `problem_fraction` of them; with `disjoint`, RL reads the rest, so a policy that
+  memorised its warm-start problems still meets new ones in RL. The split is a seeded random
+  one: deduplicated generation makes later problems rarer and harder, so a split by position
+  would hand RL a harder distribution than the held-out set.
+  """
+  k = max(1, int(n * split_cfg.problem_fraction))
+  if not split_cfg.disjoint:
+    return np.arange(k), np.arange(n)
+  perm = np.random.default_rng(seed + 11).permutation(n)
+  return np.sort(perm[:k]), np.sort(perm[k:])
+
+
+def validate(cfg) -> None:
+  s = cfg.sft
+  tasks.get(cfg.task.name)
+  if s.response_length < 1:
+    raise ConfigError(f'sft.response_length={s.response_length} must be ≥ 1')
+  if not 0 <= s.demo_error < 1:
+    raise ConfigError(f'sft.demo_error={s.demo_error} must be in [0, 1)')
+  if s.demo_error > 0 and cfg.task.name not in LAZY:
+    raise ConfigError(f'sft.demo_error needs a lazy demonstrator; tasks with one: {sorted(LAZY)}')
+  if not 0 < s.problem_fraction <= 1 or (s.disjoint and s.problem_fraction == 1):
+    raise ConfigError(f'sft.problem_fraction={s.problem_fraction} must be in (0, 1], and < 1 '
+                      'with sft.disjoint=True (RL needs problems of its own)')
+
+
+def task_problems(cfg, workdir, data_dir=''):
+  """(task, train problems, held-out problems) of the config's task; generated data is cached
+  in `data_dir` (default <workdir>/tfds)."""
+  task = tasks.get(cfg.task.name)
+  train, held_out = task.problems(cfg.task, seed=cfg.seed,
+                                  data_dir=epath.Path(data_dir or epath.Path(workdir) / 'tfds'))
+  return task, train, held_out
+
+
+def task_tokenizer(cfg, workdir, task, train) -> Tokenizer:
+  """The workdir's tokenizer, else one trained on the task's prompts and demonstrations."""
+  path = epath.Path(workdir) / workdir_lib.TOKENIZER
+  if path.exists():
+    return Tokenizer.load(path)
+  texts = [f'{tasks_base.render_prompt(task, p, cfg.task.prompt, cfg.task.chat_template)} '
+           f'{task.demonstration(p)}' for p in train[:_TOKENIZER_TEXTS]]
+  return Tokenizer.train(texts, cfg.sft.vocab_size, path)
+
+
+def demonstrations(cfg, task, problems) -> list[str]:
+  """The SFT targets; a seeded `sft.demo_error` fraction are the lazy demonstrator's."""
+  lazy = np.random.default_rng(cfg.seed + 13).random(len(problems)) < cfg.sft.demo_error
+  return [LAZY[task.name](p) if bad else task.demonstration(p)
+          for p, bad in zip(problems, lazy)]
+
+
+def index_iterator(n: int, batch: int, seed: int) -> grain.DatasetIterator:
+  """Endless checkpointable grain stream of shuffled index batches (reshuffled every epoch)."""
+  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).batch(batch)
+  return iter(ds.to_iter_dataset())
+
+
+def local_rows(global_rows: np.ndarray) -> np.ndarray:
+  """This process's contiguous share of a global batch (the batch sharding's layout)."""
+  b = len(global_rows) // jax.process_count()
+  return global_rows[jax.process_index() * b:(jax.process_index() + 1) * b]
+
+
+def prepare(cfg, workdir, tokenizer: Tokenizer | None = None) -> data_lib.Data:
+  """SFT batches of the config's task. `tokenizer`: the init checkpoint's, else the workdir's
+  (trained on the task texts on first use)."""
+  task, train, held_out = task_problems(cfg, workdir, cfg.data.tfds_data_dir)
+  tok = tokenizer or task_tokenizer(cfg, workdir, task, train)
+  if tokenizer is not None:
+    tok.save(epath.Path(workdir) / workdir_lib.TOKENIZER)  # the workdir must load alone
+  enc = task_tokens.Encoder(task, cfg.task, tok, cfg.sft.response_length, train + held_out)
+  rows = problem_split(cfg.sft, cfg.seed, len(train))[0]
+  problems = [train[i] for i in rows]
+  prompt_ids, prompt_attend = enc.prompts(problems)
+  response_ids = enc.responses(demonstrations(cfg, task, problems))
+  B = cfg.data.batch_size
+
+  def to_batch(index_batch):
+    idx = local_rows(np.asarray(index_batch))
+    return enc.examples(prompt_ids[idx], prompt_attend[idx], response_ids[idx])
+
+  n_eval = min(len(held_out), cfg.data.eval_batches * B)
+  eval_problems = [held_out[i % len(held_out)] for i in range(-(-n_eval // B) * B)]
+  eval_ids, eval_attend = enc.prompts(eval_problems)
+  eval_resp = enc.responses([task.demonstration(p) for p in eval_problems])
+  eval_batches = [enc.examples(*(local_rows(a[i:i + B]) for a in (eval_ids, eval_attend,
+                                                                   eval_resp)))
+                  for i in range(0, len(eval_problems), B)]
+  it = index_iterator(len(rows), B, cfg.seed + 7)
+  return data_lib.Data(tok, it, to_batch, eval_batches, B * (enc.P + enc.R))
