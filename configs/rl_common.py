@@ -79,3 +79,28 @@ def tiny_model(c, **sizes) -> None:
   c.model = pretrain.get_config('tiny').model.copy_and_resolve_references()
   c.model.unlock()
   c.model.update(remat='none', **sizes)
+
+
+def cpu_pipeline(c, gen_length: int) -> None:
+  """What every task's `cpu` preset shares: the tiny policy, a 2 500-step warm start on a seeded
+  half of the training problems by a demonstrator that is lazy half the time (`sft.LAZY`), then
+  100 BGPO steps on the other half; greedy evaluation every 25 steps."""
+  tiny_model(c, d_model=128, n_layers=4, n_heads=4, mlp_dim=512)
+  c.task.update(prompt='compact', train_size=7000, test_size=256, eval_file='')
+  c.sampler.update(gen_length=gen_length, steps=gen_length, block_length=8, temperature=1.0)
+  c.eval_sampler.update(steps=gen_length, batch_size=128)
+  c.rl.update(num_steps=100, num_prompts=16, group_size=8, num_mc=8, eval_every=25,
+              checkpoint_every=10)
+  c.train.update(lr=5e-5, warmup_steps=1, clip_norm=1.0)
+  c.warmstart.update(steps=2500, batch_size=64, lr=5e-4, warmup_steps=100, log_every=100,
+                     checkpoint_every=500, problem_fraction=0.5, disjoint=True, demo_error=0.5)
+
+
+def tiny_pipeline(c) -> None:
+  """What every task's `tiny` preset (seconds, for tests) shares: the cpu pipeline shrunk."""
+  c.model.update(d_model=32, n_layers=1, n_heads=2, mlp_dim=64)
+  c.eval_sampler.update(batch_size=16)
+  c.rl.update(num_steps=4, num_prompts=2, group_size=4, num_mc=2, eval_every=2,
+              checkpoint_every=2)
+  c.warmstart.update(steps=4, batch_size=8, warmup_steps=1, log_every=2, checkpoint_every=2,
+                     problem_fraction=1.0, disjoint=False)

@@ -31,29 +31,16 @@ def cpu(c):
   start never saw must learn from the reward alone to solve instead (≈ 0.2 after 50 steps). With
   `--config.warmstart.demo_error=0` the warm start reaches ≈ 0.21 itself and 150 BGPO steps add
   only 2–3 points (BENCHMARKS.md)."""
-  rl_common.tiny_model(c, d_model=128, n_layers=4, n_heads=4, mlp_dim=512)
-  c.task.update(prompt='compact', num_numbers=(3,), low=1, high=20, train_size=7000,
-                test_size=256, eval_file='')
-  c.sampler.update(gen_length=16, steps=16, block_length=8, temperature=1.0)
-  c.eval_sampler.update(steps=16, batch_size=128)
-  c.rl.update(num_steps=100, num_prompts=16, group_size=8, num_mc=8, eval_every=25,
-              checkpoint_every=10)
-  c.train.update(lr=5e-5, warmup_steps=1, clip_norm=1.0)
-  c.warmstart.update(steps=2500, batch_size=64, lr=5e-4, warmup_steps=100, log_every=100,
-                     checkpoint_every=500, problem_fraction=0.5, disjoint=True, demo_error=0.5)
+  rl_common.cpu_pipeline(c, gen_length=16)
+  c.task.update(num_numbers=(3,), low=1, high=20)
   return c
 
 
 def tiny(c):
   """Seconds-scale smoke run for tests: the cpu pipeline with everything shrunk."""
   cpu(c)
-  c.model.update(d_model=32, n_layers=1, n_heads=2, mlp_dim=64)
+  rl_common.tiny_pipeline(c)
   c.task.update(high=10, train_size=300, test_size=16)
-  c.warmstart.update(problem_fraction=1.0, disjoint=False)
-  c.eval_sampler.update(batch_size=16)
-  c.rl.update(num_steps=4, num_prompts=2, group_size=4, num_mc=2, eval_every=2,
-              checkpoint_every=2)
-  c.warmstart.update(steps=4, batch_size=8, warmup_steps=1, log_every=2, checkpoint_every=2)
   return c
 
 
