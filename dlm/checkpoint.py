@@ -65,6 +65,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
   def save(self, step: int, items: dict[str, Any], data_state: str, config: dict):
     """items: 'params', 'opt' and optionally 'ema' pytrees; data_state: JSON of iterators."""
     args = {k: ocp.args.StandardSave(v) for k, v in items.items() if v is not None}
@@ -83,7 +86,7 @@ class Checkpointer:
         raise ConfigMismatchError(
             f'checkpoint {self.directory / str(step)} holds {what} of other shapes than this '
             f'config builds ({str(e).splitlines()[0][:200]}); use a new --workdir') from e
-      others = [s for s in self.manager.all_steps() if s != step]
+      others = [s for s in self.all_steps() if s != step]
       raise CheckpointError(
           f'checkpoint {self.directory / str(step)} is damaged: reading its {what} failed '
           f'({type(e).__name__}: {str(e)[:300]}). Other steps present: {others or "none"}; '

@@ -47,7 +47,7 @@ def load(workdir, step: int = -1, use_ema: bool = True, mesh=None,
   devices, with the run's own sharding rules)."""
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
-    steps = ckpt.manager.all_steps()
+    steps = ckpt.all_steps()
     step = (max(steps) if steps else None) if step < 0 else step
     if step is None or step not in steps:
       raise MissingFileError(f'no checkpoint {"" if step is None else step} in {ckpt.directory}'

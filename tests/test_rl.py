@@ -19,6 +19,8 @@ from dlm import metrics as metrics_lib
 from dlm import rl
 from dlm import sft
 from dlm import tasks
+from dlm import train as train_lib
+from dlm import workdir as workdir_lib
 from dlm.errors import ConfigError, ConfigMismatchError
 from dlm.tasks import countdown, sudoku
 
@@ -102,6 +104,23 @@ def test_sample_mode_reads_an_rl_workdir_and_writes_only_samples(straight):
   assert set(after) - set(before) == {'samples_test.jsonl'}
   assert {k: v for k, v in after.items() if k != 'samples_test.jsonl'} == before
   (w / 'samples_test.jsonl').unlink()
+
+
+def test_sft_starts_from_a_checkpoint_alone(straight, tmp_path):
+  """SFT (the one training loop) initialised from another run's parameters, tokenizer and
+  architecture: with lr 0 the saved parameters equal the source's exactly."""
+  task, w = straight
+  cfg = rl.sft_config(tiny(task), str(tmp_path))
+  cfg.model.d_model = 48  # ignored: the checkpoint decides the architecture
+  cfg.init.checkpoint = str(w)
+  cfg.train.update(lr=0.0, num_steps=1, checkpoint_every=1, eval_every=1)
+  before = snapshot(w)
+  train_lib.run(cfg, str(tmp_path / 'sft'))
+  src, out = workdir_lib.load(w), workdir_lib.load(tmp_path / 'sft')
+  assert out.mcfg == src.mcfg and out.config['model'] == src.config['model']
+  assert (tmp_path / 'sft' / 'tokenizer.model').read_bytes() == (w / 'tokenizer.model').read_bytes()
+  jax.tree.map(np.testing.assert_array_equal, out.params, src.params)
+  assert snapshot(w) == before
 
 
 def test_sigkill_mid_run_then_rerun_reproduces_the_metrics(straight, tmp_path):
