@@ -79,11 +79,11 @@ def task_tokenizer(cfg, workdir, task, train) -> Tokenizer:
   return Tokenizer.train(texts, cfg.sft.vocab_size, path)
 
 
-def demonstrations(cfg, task, problems) -> list[str]:
-  """The SFT targets; a seeded `sft.demo_error` fraction are the lazy demonstrator's."""
-  lazy = np.random.default_rng(cfg.seed + 13).random(len(problems)) < cfg.sft.demo_error
-  return [LAZY[task.name](p) if bad else task.demonstration(p)
-          for p, bad in zip(problems, lazy)]
+def demonstrations(cfg, task, train, rows) -> list[str]:
+  """The SFT targets of training problems `rows`. A seeded `sft.demo_error` fraction of all
+  training problems are the lazy demonstrator's, fixed per problem whatever the split."""
+  lazy = np.random.default_rng(cfg.seed + 13).random(len(train)) < cfg.sft.demo_error
+  return [LAZY[task.name](train[i]) if lazy[i] else task.demonstration(train[i]) for i in rows]
 
 
 def index_iterator(n: int, batch: int, seed: int) -> grain.DatasetIterator:
@@ -109,7 +109,7 @@ def prepare(cfg, workdir, tokenizer: Tokenizer | None = None) -> data_lib.Data:
   rows = problem_split(cfg.sft, cfg.seed, len(train))[0]
   problems = [train[i] for i in rows]
   prompt_ids, prompt_attend = enc.prompts(problems)
-  response_ids = enc.responses(demonstrations(cfg, task, problems))
+  response_ids = enc.responses(demonstrations(cfg, task, train, rows))
   B = cfg.data.batch_size
 
   def to_batch(index_batch):

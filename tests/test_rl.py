@@ -256,7 +256,7 @@ def test_demo_error_replaces_a_seeded_fraction_of_demonstrations(task_name, tmp_
   def demos(demo_error):
     cfg = rl.sft_config(tiny(task_name, **{'warmstart.demo_error': demo_error}), str(tmp_path))
     task, train, _ = sft.task_problems(cfg, tmp_path)
-    return task, train, sft.demonstrations(cfg, task, train)
+    return task, train, sft.demonstrations(cfg, task, train, np.arange(len(train)))
 
   task, train, clean = demos(0.0)
   assert all(task.reward(c, p) == 1.0 for c, p in zip(clean, train))
