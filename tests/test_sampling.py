@@ -290,11 +290,14 @@ def test_config_errors_and_sample_config_mirrors_sampler():
 def test_sample_mode_writes_jsonl(tmp_path):
   """`generate.run` rebuilds model and tokenizer from a workdir's checkpoint alone."""
   from configs import pretrain
-  from dlm import generate, train
+  from dlm import data, generate, train
   c = pretrain.get_config('tiny')
   c.data.update(builtin_documents=300, vocab_size=96, seq_len=32, batch_size=8, eval_batches=1)
-  c.train.update(num_steps=7, checkpoint_every=7, eval_every=7)
-  train.run(c, str(tmp_path))
+  c, _, d, trainer, ckpt, _ = train.setup(c, str(tmp_path))  # a checkpoint without training
+  ckpt.save(7, trainer.to_items(trainer.init_state()), data.all_iterator_states(d.iterator),
+            c.to_dict())
+  ckpt.wait()
+  ckpt.close()
   s = sample_configs.get_config('fast')
   s.sampler.update(gen_length=16, block_length=8)
   s.prompts, s.num_samples, s.batch_size = ('alice has', ''), 3, 4  # 6 rows: a padded 2nd batch
