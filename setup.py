@@ -25,5 +25,5 @@ setup(
         'matplotlib==3.11.2',
         'tensorboardX==2.6.5',
     ],
-    extras_require={'test': ['pytest==9.0.3']},
+    extras_require={'test': ['pytest==9.0.3', 'pytest-xdist==3.8.0', 'execnet==2.1.2']},
 )
