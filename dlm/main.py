@@ -21,7 +21,7 @@ _NPROC = flags.DEFINE_integer('num_processes', None, 'multi-process: total proce
 _PID = flags.DEFINE_integer('process_id', None, 'multi-process: this process index')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = ('pretrain', 'sft', 'sample', 'rl')
+MODES = ('pretrain', 'sft', 'sample', 'rl', 'eval')
 
 
 def main(argv):
@@ -42,8 +42,9 @@ def main(argv):
 def dispatch(cfg, workdir: str) -> int:
   """Runs the config's mode; a user-facing problem (DlmError) is printed as one line and gives
   exit code 1, anything else is a bug and keeps its traceback."""
-  from dlm import generate, rl, train  # pylint: disable=g-import-not-at-top
-  run = {'pretrain': train.run, 'sft': train.run, 'sample': generate.run, 'rl': rl.run}[cfg.mode]
+  from dlm import evaluate, generate, rl, train  # pylint: disable=g-import-not-at-top
+  run = {'pretrain': train.run, 'sft': train.run, 'sample': generate.run, 'rl': rl.run,
+         'eval': evaluate.run}[cfg.mode]
   try:
     run(cfg, workdir)
   except DlmError as e:

@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
+from configs import eval as eval_configs
 from configs import rl_countdown, rl_sudoku, sample as sample_configs
+from dlm import evaluate
 from dlm import generate
 from dlm import metrics as metrics_lib
 from dlm import rl
@@ -121,6 +123,31 @@ def test_sft_starts_from_a_checkpoint_alone(straight, tmp_path):
   assert (tmp_path / 'sft' / 'tokenizer.model').read_bytes() == (w / 'tokenizer.model').read_bytes()
   jax.tree.map(np.testing.assert_array_equal, out.params, src.params)
   assert snapshot(w) == before
+
+
+def test_eval_mode_reproduces_the_rl_evaluation(straight, tmp_path):
+  """configs/eval.py on the RL workdir, with that run's task settings, decodes the same held-out
+  problems with the same code: the accuracy and mean reward the RL loop logged at its last step.
+  Batched differently (5 prompts a call, the last batch padded), the completions are the same."""
+  task_name, w = straight
+  rl_cfg = tiny(task_name)
+  c = eval_configs.task_eval(eval_configs.base_config(), rl_cfg, rl_cfg.task.train_size)
+  c.init.checkpoint, c.eval.batch_size = str(w), rl_cfg.eval_sampler.batch_size
+  r = evaluate.run(c, str(tmp_path / 'a'))
+  last = [x for x in metrics_lib.read_metrics(w) if 'eval/accuracy' in x][-1]
+  assert last['step'] == r['step'] == 4
+  assert r['accuracy'] == last['eval/accuracy']
+  np.testing.assert_allclose(r['reward_mean'], last['eval/reward_mean'], rtol=1e-6)
+  rows = [json.loads(l) for l in (tmp_path / 'a' / 'eval_samples.jsonl').read_text().splitlines()]
+  task, _, held_out = sft.task_problems(c, tmp_path / 'a')
+  assert len(rows) == r['n'] == len(held_out) == rl_cfg.task.test_size
+  for row, p in zip(rows, held_out):
+    assert row['reward'] == pytest.approx(task.reward(row['completion'], p))
+    assert row['answer'] == task.answer(row['completion'])
+  c.eval.batch_size = 5
+  evaluate.run(c, str(tmp_path / 'b'))
+  assert (tmp_path / 'b' / 'eval_samples.jsonl').read_text() == (
+      tmp_path / 'a' / 'eval_samples.jsonl').read_text()
 
 
 def test_sigkill_mid_run_then_rerun_reproduces_the_metrics(straight, tmp_path):
