@@ -24,6 +24,7 @@ setup(
         'numpy==2.4.6',
         'matplotlib==3.11.2',
         'tensorboardX==2.6.5',
+        'safetensors==0.8.0',
     ],
     extras_require={'test': ['pytest==9.0.3', 'pytest-xdist==3.8.0', 'execnet==2.1.2']},
 )

@@ -7,6 +7,7 @@ Use: `--config=configs/pretrain.py:tiny --config.train.num_steps=50`.
 import ml_collections
 
 import configs
+from dlm import sharding
 
 
 def optimizer(**overrides) -> ml_collections.ConfigDict:
@@ -74,15 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.fsdp = -1  # -1 = all remaining devices
   s.tensor = 1
   # logical axis name -> mesh axes (None = replicated)
-  s.rules = (
-      ('batch', ('data', 'fsdp')),
-      ('vocab', 'tensor'),
-      ('embed', 'fsdp'),
-      ('heads', 'tensor'),
-      ('mlp', 'tensor'),
-      ('layers', None),
-      ('norm', None),
-  )
+  s.rules = sharding.DEFAULT_RULES
   return c
 
 

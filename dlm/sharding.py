@@ -10,6 +10,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dlm.errors import ConfigError
 
 AXES = ('data', 'fsdp', 'tensor')
+# Logical axis name → mesh axes (None = replicated): the default `config.sharding.rules`.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('layers', None),
+    ('norm', None),
+)
 
 
 def mesh_shape(sharding_cfg, num_devices: int) -> tuple[int, int, int]:
