@@ -251,21 +251,23 @@ def test_imported_workdir_loads_its_parameters_alone(tmp_path):
   np.testing.assert_array_equal(np.asarray(direct(tokens)), np.asarray(from_workdir(tokens)))
 
 
-def test_llada_8b_tensors_map_onto_the_preset_shapes():
-  """Every tensor of an 8B LLaDA config maps onto a llada_8b parameter slot of the right shape
-  (abstract shapes only: nothing is allocated)."""
-  config = {**LLADA_CONFIG, 'd_model': 4096, 'n_heads': 32, 'n_kv_heads': 32, 'n_layers': 32,
-            'mlp_hidden_size': 12288, 'vocab_size': 126464, 'embedding_size': 126464,
-            'mask_token_id': 126336}
+def test_llada_8b_index_maps_onto_the_preset_shapes():
+  """LLaDA-8B-Instruct's own config.json and model.safetensors.index.json (tests/data): the
+  config gives the llada_8b preset, and every tensor the index names is exactly one slot of a
+  dlm parameter of the right shape (abstract shapes only: nothing is allocated)."""
+  folder = ROOT / 'tests' / 'data' / 'llada_8b_instruct'
+  config = json.loads((folder / 'config.json').read_text())
+  names = json.loads((folder / 'model.safetensors.index.json').read_text())['weight_map']
+  assert layouts.detect(config) == 'llada'
   model = layouts.model_section('llada', config)
   preset = pretrain.get_config('llada_8b').model
   for k in ('num_embeddings', 'mask_id', 'd_model', 'n_layers', 'n_heads', 'mlp_dim',
-            'rope_base', 'family'):
+            'rope_base', 'norm_eps', 'family'):
     assert model[k] == preset[k], k
   shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
       lambda: model_lib.Transformer(model_lib.config_from(preset), nnx.Rngs(0)))))
   slots = layouts.slots('llada', model)
-  assert len(slots) == 3 + 9 * 32
+  assert sorted(s.name for s in slots) == sorted(names)
   for s in slots:
     leaf = shapes
     for k in s.path:
