@@ -19,6 +19,8 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
+from dlm import bench
+
 _D = flags.DEFINE_integer('d_model', 2048, 'model width')
 _L = flags.DEFINE_integer('n_layers', 16, 'layers')
 _F = flags.DEFINE_integer('mlp', 5632, 'MLP hidden size')
@@ -80,10 +82,7 @@ def main(argv):
   out = {'dtype': _DTYPE.value, 'checkpoint_bytes': nbytes, 'import_peak_rss_bytes': peak,
          'ratio': peak / nbytes, 'write_seconds': write_s, 'import_seconds': import_s}
   shutil.rmtree(scratch)
-  print(f'{"quantity":24s} value')
-  for k, v in out.items():
-    print(f'{k:24s} {v:,.4g}' if isinstance(v, float) else f'{k:24s} {v}')
-  print(json.dumps(out))
+  bench.print_report(out)
 
 
 if __name__ == '__main__':

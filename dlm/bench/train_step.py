@@ -5,7 +5,6 @@ the repository root (the model comes from `--config`, by default configs/pretrai
 Prints a table and, last, one JSON line. On CPU the denominator is this machine's own dense
 matmul rate (no vendor peak exists); on GPU/TPU the vendor bf16 peak is reported beside it.
 """
-import json
 import math
 import time
 
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
+from dlm import bench
 from dlm import metrics as metrics_lib
 from dlm import model as model_lib
 from dlm import sharding
@@ -96,10 +96,7 @@ def main(argv):
          'matmul_flops_per_sec': mm, 'mfu': model_fps / mm,
          'mfu_vs_vendor_peak': model_fps / peak if peak else None,
          'tokens_per_sec': _BATCH.value * _SEQ.value / step_s}
-  print(f'{"quantity":28s} value')
-  for k, v in out.items():
-    print(f'{k:28s} {v:,.4g}' if isinstance(v, float) else f'{k:28s} {v}')
-  print(json.dumps(out))
+  bench.print_report(out)
 
 
 if __name__ == '__main__':
