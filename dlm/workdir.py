@@ -20,7 +20,7 @@ TOKENIZER = 'tokenizer.model'
 
 
 class Loaded(NamedTuple):
-  tokenizer: Tokenizer
+  tokenizer: Tokenizer | None
   mcfg: model_lib.ModelConfig
   graphdef: Any
   params: Any
@@ -40,11 +40,13 @@ def model_config(model_section: dict, tok: Tokenizer) -> model_lib.ModelConfig:
   return model_lib.config_from(model_section, tok.vocab_size + 1)
 
 
-def load(workdir, step: int = -1, use_ema: bool = True, mesh=None,
-         devices=None) -> Loaded:
+def load(workdir, step: int = -1, use_ema: bool = True, mesh=None, devices=None,
+         need_tokenizer: bool = True) -> Loaded:
   """The model of `workdir`'s checkpoint `step` (latest when < 0): EMA parameters when the run
   kept them and `use_ema`, else the raw ones. Sharded over `mesh` (default: FSDP over all
-  devices, with the run's own sharding rules)."""
+  devices, with the run's own sharding rules). With need_tokenizer=False a workdir without
+  tokenizer.model loads too (tokenizer None; e.g. an imported LLaDA, whose tokenizer is a
+  Hugging Face tokenizer.json)."""
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     steps = ckpt.all_steps()
@@ -53,8 +55,11 @@ def load(workdir, step: int = -1, use_ema: bool = True, mesh=None,
       raise MissingFileError(f'no checkpoint {"" if step is None else step} in {ckpt.directory}'
                              f' (steps present: {sorted(steps) or "none"})')
     config = ckpt.restore_config(step)
-    tok = load_tokenizer(workdir)
-    mcfg = model_config(config['model'], tok)
+    if need_tokenizer or (epath.Path(workdir) / TOKENIZER).exists():
+      tok = load_tokenizer(workdir)
+      mcfg = model_config(config['model'], tok)
+    else:
+      tok, mcfg = None, model_lib.config_from(config['model'])
     rules = tuple(tuple(r) for r in config['sharding']['rules'])
     if mesh is None:
       mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1}, devices)

@@ -178,7 +178,7 @@ def test_llada_import_export_import_is_bit_exact(tmp_path):
   assert {k: cfg[k] for k in LLADA_CONFIG} == LLADA_CONFIG
   assert (Path(out) / 'tokenizer.json').read_text() == '{"model": "stand-in"}'
   w2 = convert.import_checkpoint(out, tmp_path / 'w2')
-  p1, p2 = convert.workdir_params(w)[1], convert.workdir_params(w2)[1]
+  p1, p2 = (workdir_lib.load(x, need_tokenizer=False).params for x in (w, w2))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p1, p2)
 
 
@@ -186,8 +186,9 @@ def test_import_in_bfloat16_and_from_a_bfloat16_file(tmp_path):
   t = {k: v.astype(ml_dtypes.bfloat16) for k, v in llada_tensors(np.random.default_rng(3)).items()}
   src = write_folder(tmp_path / 'src', LLADA_CONFIG, t)
   w = convert.import_checkpoint(src, tmp_path / 'w', param_dtype='bfloat16')
-  model, params = convert.workdir_params(w)
-  assert model['param_dtype'] == 'bfloat16'
+  loaded = workdir_lib.load(w, need_tokenizer=False)
+  model, params = loaded.config['model'], loaded.params
+  assert loaded.tokenizer is None and model['param_dtype'] == 'bfloat16'
   assert all(a.dtype == ml_dtypes.bfloat16 for a in jax.tree.leaves(params))
   out = convert.export_llada(w, tmp_path / 'out')
   back = convert.tensor_index(out)

@@ -203,7 +203,8 @@ def import_checkpoint(src, out, fmt: str | None = None, param_dtype: str = 'floa
 def export_llada(src, out, use_ema: bool = True, max_shard_bytes: int = 5 * 2**30) -> str:
   """Writes the dlm workdir `src`'s model (a LLaDA-family one) in LLaDA's layout to `out`."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  model, params = workdir_params(src, use_ema)
+  loaded = workdir_lib.load(src, use_ema=use_ema, need_tokenizer=False)
+  model, params = loaded.config['model'], loaded.params
   if model['family'] != 'llada':
     raise ConfigError(f'{src} holds a {model["family"]} model; --export=llada needs a LLaDA one')
   out, tmp = _fresh_out(out)
@@ -237,20 +238,3 @@ def export_llada(src, out, use_ema: bool = True, max_shard_bytes: int = 5 * 2**3
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return str(out)
-
-
-def workdir_params(src, use_ema: bool = True):
-  """(model section, params) of a dlm workdir's latest checkpoint; unlike `workdir.load` it
-  needs no sentencepiece tokenizer (an imported LLaDA carries a Hugging Face tokenizer.json)."""
-  step_config = workdir_lib.latest_config(src)
-  if step_config is None:
-    raise MissingFileError(f'no checkpoint in {src}')
-  step, config = step_config
-  mcfg = model_lib.config_from(config['model'])
-  mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
-  _, abstract = trainer_lib.abstract_params(mcfg, mesh, sharding.DEFAULT_RULES)
-  ckpt = ckpt_lib.Checkpointer(src, read_only=True)
-  try:
-    return config['model'], ckpt.restore_params(step, abstract, use_ema)
-  finally:
-    ckpt.close()
