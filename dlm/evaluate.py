@@ -29,9 +29,16 @@ _Z95 = 1.959963984540054
 
 
 def rollout(graphdef, params, enc, problems, key, scfg: sampling.SamplerConfig):
-  """(tokens_BxT, attend_BxT): each problem's prompt followed by a sampled response."""
+  """(tokens_BxT, attend_BxT): each problem's prompt followed by a sampled response.
+
+  A response position still holding the mask id (LLaDA's `generate`, which semi_ar follows for
+  LLaDA models, can pick the mask token itself) becomes EOS: the response ends there for the
+  reward and for the RL loss alike, whose support excludes the mask token."""
   ids, mask = enc.prompts(problems)
   tokens, _ = sampling.sample_params(graphdef, params, ids, mask, key, cfg=scfg)
+  tokens = np.array(tokens)  # a writable host copy
+  response = tokens[:, enc.P:]
+  response[response == enc.tok.mask_id] = enc.tok.eos_id
   return tokens, np.concatenate([mask, np.ones((len(problems), enc.R), bool)], 1)
 
 

@@ -235,7 +235,10 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """tokens [B, L] → log-probs [B, L, num_embeddings] (mask column = -inf). No time input."""
+  """tokens [B, L] → log-probs [B, L, num_embeddings] (mask column = -inf). No time input.
+
+  `logits` gives the raw float32 scores over every row (mask and padding rows included), for
+  code that must follow an outside convention (LLaDA's `generate` normalises over all columns)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     pd, d, V = DTYPES[cfg.param_dtype], cfg.d_model, cfg.num_embeddings
@@ -258,11 +261,16 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxL, *, key_mask_BxL=None, dropout_key=None):
     """key_mask_BxL: False on padding keys (e.g. left-padded prompts); None = attend to all."""
+    return real_log_softmax(self.logits(tokens_BxL, key_mask_BxL=key_mask_BxL,
+                                        dropout_key=dropout_key), self.cfg.mask_id)
+
+  def logits(self, tokens_BxL, *, key_mask_BxL=None, dropout_key=None):
+    """Raw float32 logits [B, L, num_embeddings]: the mask and padding rows are not removed."""
     return self.forward(tokens_BxL, key_mask_BxL=key_mask_BxL, dropout_key=dropout_key)[0]
 
   def forward(self, tokens_BxW, *, key_mask_BxL=None, dropout_key=None, start=0, kv=None,
               return_kv=False):
-    """(log-probs of the window [start, start+W), per-layer (k, v) of the window or None).
+    """(float32 logits of the window [start, start+W), per-layer (k, v) of the window or None).
 
     The one forward path: training and plain sampling see the whole sequence (start 0, no kv);
     cached samplers (Fast-dLLM) pass the other positions' keys/values as kv, stacked
@@ -285,7 +293,7 @@ class Transformer(nnx.Module):
     logits = _tokens_first(lambda h: h @ self.head[...].astype(dt), self.norm_final(x))
     if self.head_bias is not None:
       logits = logits + self.head_bias[...].astype(dt)
-    return real_log_softmax(logits, cfg.mask_id), new_kv
+    return logits.astype(jnp.float32), new_kv
 
 
 def count_params(cfg: ModelConfig) -> int:
@@ -299,13 +307,13 @@ def count_params(cfg: ModelConfig) -> int:
 
 
 def encode_kv(model: Transformer, tokens_BxL, *, key_mask_BxL=None):
-  """Full forward that also returns every layer's k and v: (logp_BxLxV, (k, v)), k/v shaped
-  [n_layers, B, L, n_heads, head_dim]. The same computation as `model(tokens_BxL)`."""
+  """Full forward that also returns every layer's k and v: (logits_BxLxV, (k, v)), k/v shaped
+  [n_layers, B, L, n_heads, head_dim]. The same computation as `model.logits(tokens_BxL)`."""
   return model.forward(tokens_BxL, key_mask_BxL=key_mask_BxL, return_kv=True)
 
 
 def decode_window(model: Transformer, kv, tokens_BxW, start, *, key_mask_BxL=None):
-  """log-probs of the window [start, start+W) only: its queries attend to fresh k/v inside the
+  """Logits of the window [start, start+W) only: its queries attend to fresh k/v inside the
   window and to the cached `kv` (from `encode_kv`) everywhere else. Exact when the tokens outside
   the window are those `kv` was computed on and the window's own tokens did not change; an
   approximation (Fast-dLLM) when they did. `start` may be traced; W and L are static."""

@@ -89,27 +89,42 @@ class SamplerConfig:
 
 
 class Net(NamedTuple):
-  """What a sampler needs of the network (all float32 log-probs with the mask column = -inf).
+  """What a sampler needs of the network: float scores over every row (logits, or log-probs with
+  the mask column -inf), normalised by the sampler (`log_probs`).
 
-  apply(tokens_BxL, key_mask_BxL) -> logp_BxLxV; for cache != 'none' also
-  encode(tokens_BxL, key_mask_BxL) -> (logp_BxLxV, kv) and
-  window(kv, tokens_BxW, start, key_mask_BxL) -> logp_BxWxV (see model.encode_kv/decode_window).
+  apply(tokens_BxL, key_mask_BxL) -> scores_BxLxV; for cache != 'none' also
+  encode(tokens_BxL, key_mask_BxL) -> (scores_BxLxV, kv) and
+  window(kv, tokens_BxW, start, key_mask_BxL) -> scores_BxWxV (see model.encode_kv/decode_window).
+  full_softmax: semi_ar / threshold rank and pick over every column, mask and padding rows
+  included, as LLaDA's `generate` does (its confidences are a softmax over all 126 464 columns);
+  False: over the real vocabulary only (SPEC §2). `radd` always excludes the mask column.
   """
   mask_id: int
   apply: Callable[..., jax.Array]
   encode: Callable[..., Any] | None = None
   window: Callable[..., jax.Array] | None = None
+  full_softmax: bool = False
 
 
 def as_net(model) -> Net:
+  """A model.Transformer as a Net: LLaDA-family models follow LLaDA's `generate` (full_softmax),
+  so greedy semi_ar reproduces it token for token."""
   if isinstance(model, Net):
     return model
   if isinstance(model, model_lib.Transformer):
     return Net(model.cfg.mask_id,
-               lambda t, km: model(t, key_mask_BxL=km),
+               lambda t, km: model.logits(t, key_mask_BxL=km),
                lambda t, km: model_lib.encode_kv(model, t, key_mask_BxL=km),
-               lambda kv, t, s, km: model_lib.decode_window(model, kv, t, s, key_mask_BxL=km))
+               lambda kv, t, s, km: model_lib.decode_window(model, kv, t, s, key_mask_BxL=km),
+               full_softmax=model.cfg.family == 'llada')
   raise TypeError(f'expected a model.Transformer or a sampling.Net, got {type(model).__name__}')
+
+
+def log_probs(scores_BxLxV: jax.Array, mask_id: int, full_softmax: bool = False) -> jax.Array:
+  """float32 log-probs of network scores: over every column (full_softmax) or the real ones."""
+  if full_softmax:
+    return jax.nn.log_softmax(scores_BxLxV.astype(jnp.float32), axis=-1)
+  return model_lib.real_log_softmax(scores_BxLxV, mask_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,7 +239,7 @@ def radd(net, x_BxL: jax.Array, key: jax.Array, cfg: SamplerConfig,
   draw = _token_draw(cfg, k_val, B, L)
 
   def reveal(x, sel_BxL):
-    return jnp.where(sel_BxL, draw(net.apply(x, key_mask_BxL)), x)
+    return jnp.where(sel_BxL, draw(log_probs(net.apply(x, key_mask_BxL), net.mask_id)), x)
 
   if cfg.radd_cached:
     # Each row's distinct reveal steps in increasing order, padded with n: the loop visits the
@@ -281,29 +296,35 @@ def _propose(logp_BxKxV, masked_BxK, key, cfg: SamplerConfig):
 
 
 def _guided(net: Net, cfg: SamplerConfig, prompt_BxL, key_mask_BxL):
-  """(full, encode, window) network calls with classifier-free guidance folded in: the batch is
-  doubled with an unconditional copy (prompt tokens → mask) and the log-probs are recombined."""
+  """(full, encode, window) network calls returning log-probs (normalised as `net.full_softmax`
+  says), with classifier-free guidance folded in: the batch is doubled with an unconditional copy
+  (prompt tokens → mask) and the scores recombined as LLaDA does, un + (s+1)(cond − un)."""
   s, mid = cfg.cfg_scale, net.mask_id
+  norm = lambda scores: log_probs(scores, mid, net.full_softmax)
   if s == 0:
-    return (lambda x: net.apply(x, key_mask_BxL),
-            lambda x: net.encode(x, key_mask_BxL),
-            lambda kv, x_BxW, start: net.window(kv, x_BxW, start, key_mask_BxL))
+    return (lambda x: norm(net.apply(x, key_mask_BxL)),
+            lambda x: _map0(norm, net.encode(x, key_mask_BxL)),
+            lambda kv, x_BxW, start: norm(net.window(kv, x_BxW, start, key_mask_BxL)))
   km2 = jnp.concatenate([key_mask_BxL] * 2)
 
   def dup(x_BxW, start):
     prompt = jax.lax.dynamic_slice_in_dim(prompt_BxL, start, x_BxW.shape[1], axis=1)
     return jnp.concatenate([x_BxW, jnp.where(prompt, mid, x_BxW)])
 
-  def guide(logp):
-    cond, uncond = jnp.split(logp, 2)
-    return model_lib.real_log_softmax(uncond + (s + 1) * (cond - uncond), mid)  # mask col NaN → -inf
+  def guide(scores):
+    cond, uncond = jnp.split(scores.astype(jnp.float32), 2)
+    mixed = uncond + (s + 1) * (cond - uncond)
+    if not net.full_softmax:  # a -inf mask column gives NaN here; it leaves the support anyway
+      mixed = jnp.where(jnp.arange(mixed.shape[-1]) == mid, -jnp.inf, mixed)
+    return norm(mixed)
 
-  def encode(x):
-    logp, kv = net.encode(dup(x, 0), km2)
-    return guide(logp), kv
-
-  return (lambda x: guide(net.apply(dup(x, 0), km2)), encode,
+  return (lambda x: guide(net.apply(dup(x, 0), km2)),
+          lambda x: _map0(guide, net.encode(dup(x, 0), km2)),
           lambda kv, x_BxW, start: guide(net.window(kv, dup(x_BxW, start), start, km2)))
+
+
+def _map0(f, pair):
+  return f(pair[0]), pair[1]
 
 
 def _blockwise(net, x_BxL, key, cfg: SamplerConfig, key_mask_BxL):

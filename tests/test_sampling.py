@@ -1,5 +1,6 @@
 """Samplers: fixed tokens, cached = uncached RADD, reveal-step law, call counts, LLaDA counts,
 threshold decoding, mixed-length batches, exact categorical, KV cache, no recompilation."""
+import dataclasses
 import json
 import math
 
@@ -252,13 +253,15 @@ def test_kv_cache_window_matches_full_forward(model):
   x = jax.random.randint(jax.random.key(0), (2, 20), 0, V + 1)
   km = jnp.arange(20)[None] >= jnp.asarray([0, 5])[:, None]
   finite = lambda a: np.where(np.isinf(a), 0, a)
-  ref = finite(jax.jit(lambda x: model(x, key_mask_BxL=km))(x))
-  logp, kv = jax.jit(lambda x: model_lib.encode_kv(model, x, key_mask_BxL=km))(x)
-  np.testing.assert_allclose(finite(logp), ref, atol=1e-5)
+  ref = jax.jit(lambda x: model.logits(x, key_mask_BxL=km))(x)
+  logits, kv = jax.jit(lambda x: model_lib.encode_kv(model, x, key_mask_BxL=km))(x)
+  np.testing.assert_allclose(logits, ref, atol=1e-5)
+  np.testing.assert_allclose(finite(model_lib.real_log_softmax(ref, model.cfg.mask_id)),
+                             finite(model(x, key_mask_BxL=km)), atol=1e-5)
   window = jax.jit(lambda kv, t, s: model_lib.decode_window(model, kv, t, s, key_mask_BxL=km))
   for start, w in ((8, 12), (12, 4), (3, 4)):
     win = window(kv, x[:, start:start + w], start)
-    np.testing.assert_allclose(finite(win), ref[:, start:start + w], atol=1e-5)
+    np.testing.assert_allclose(win, ref[:, start:start + w], atol=1e-5)
 
 
 def test_sampling_compiles_once_per_shape(model):
@@ -306,3 +309,32 @@ def test_sample_mode_writes_jsonl(tmp_path):
   assert len(rows) == 6 and [r['prompt'] for r in rows] == ['alice has'] * 3 + [''] * 3
   assert all(len(r['tokens']) == 16 and r['step'] == 7 and 1 <= r['calls'] <= 16 for r in rows)
   assert all(set(r) >= {'text', 'tokens', 'calls', 'seconds'} for r in rows)
+
+
+def test_full_softmax_follows_llada_generate_over_every_column():
+  """LLaDA's generate takes argmax and confidence over every column, mask included: a Net with
+  full_softmax picks the mask column where it scores highest (the position stays masked) and its
+  confidences are softmaxes over all V + 1 columns; the default never picks the mask."""
+  W = jax.random.normal(jax.random.key(3), (V + 1, V + 1))
+  boost = jnp.zeros(V + 1).at[MASK].set(4.0)  # the mask column wins at masked positions
+
+  def apply(x_BxL, key_mask_BxL):
+    return W[x_BxL] + jnp.where((x_BxL == MASK)[..., None], boost, 0.0)
+
+  ids, mask = prompts([3, 3], 3)
+  cfg = S.SamplerConfig('semi_ar', gen_length=8, block_length=8, steps=8)
+  full, _ = S.sample(S.Net(MASK, apply, full_softmax=True), ids, mask, jax.random.key(0), cfg)
+  real, _ = S.sample(S.Net(MASK, apply), ids, mask, jax.random.key(0), cfg)
+  assert (np.asarray(full)[:, 3:] == MASK).all()
+  assert not (np.asarray(real)[:, 3:] == MASK).any()
+  # confidences: the full softmax ranks by p over V + 1 columns; the real one renormalises
+  logits = jax.random.normal(jax.random.key(4), (1, 1, V + 1))
+  np.testing.assert_allclose(np.exp(S.log_probs(logits, MASK, True)).sum(-1), 1, rtol=1e-6)
+  real_p = np.exp(S.log_probs(logits, MASK, False))
+  assert real_p[..., MASK] == 0 and np.isclose(real_p.sum(), 1, rtol=1e-6)
+
+
+def test_llada_models_sample_with_the_full_softmax(model):
+  assert not S.as_net(model).full_softmax  # radd family
+  llada = model_lib.Transformer(dataclasses.replace(model.cfg, family='llada'), nnx.Rngs(0))
+  assert S.as_net(llada).full_softmax
