@@ -19,6 +19,9 @@ setup(
         'array-record==0.8.6',
         'ml-collections==1.1.0',
         'sentencepiece==0.2.3',
+        'tokenizers==0.23.3',
+        'huggingface-hub==2.4.0',  # tokenizers' dependency, pinned too
+        'jinja2==3.1.6',
         'etils[epath]==1.15.0',
         'absl-py==2.5.1',
         'numpy==2.4.6',

@@ -19,7 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.task = t = ml_collections.ConfigDict()  # the task's file adds name, eval_file and its keys
   t.prompt = 'd1'  # 'd1' (the d1 training prompt) | 'compact' (tiny models)
-  t.chat_template = ''  # '' = raw prompt; else text with '{prompt}' (e.g. a chat model's turns)
+  # 'auto': the tokenizer's chat template when it has one (LLaDA-8B-Instruct), else the raw
+  # prompt; '' = raw prompt; else text with '{prompt}'
+  t.chat_template = 'auto'
   t.train_size = 50_000
   t.test_size = 256  # held-out problems generated disjoint from training (eval_file '')
 

@@ -1,6 +1,6 @@
 """Sample-mode configs: `python -m dlm.main --config=configs/sample.py[:preset] --workdir=W`.
 
-W is a pretraining run's workdir: its latest checkpoint (or `checkpoint_step`) and the config saved
+W is any dlm workdir (a run's or an import's from `python -m dlm.convert`): its latest checkpoint (or `checkpoint_step`) and the config saved
 with it rebuild the model and tokenizer; samples go to W/<output> as JSON lines.
 Presets: `semi_ar` (default), `radd` (cached ancestral sampler, exact categorical), `threshold`,
 `fast` (threshold + prefix KV cache), `llada` (LLaDA/d1 settings: 256 tokens, block 32).
@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_step = -1  # -1 = latest
   c.use_ema = True  # sample with the EMA weights when the run kept them
   c.prompts = ('',)  # '' = unconditional; prompts of different lengths are left-padded
+  # 'auto': non-empty prompts go through the tokenizer's chat template when it has one (an
+  # Instruct model, e.g. an imported LLaDA-8B-Instruct); '' = raw; else text with '{prompt}'
+  c.chat_template = 'auto'
   c.num_samples = 4  # per prompt
   c.batch_size = 8  # rows per jitted call (the last batch is padded, never recompiled)
   c.output = 'samples.jsonl'  # relative to the workdir

@@ -17,6 +17,7 @@ from dlm import sampling
 from dlm import workdir as workdir_lib
 from dlm.errors import ConfigError
 from dlm.task_tokens import left_pad
+from dlm.tasks import base as tasks_base
 
 
 def sampler_config(sampler_cfg) -> sampling.SamplerConfig:
@@ -29,7 +30,8 @@ def run(cfg, workdir: str) -> list[dict]:
     raise ConfigError('num_samples and batch_size must be ≥ 1')
   tok, _, graphdef, params, _, step = workdir_lib.load(workdir, cfg.checkpoint_step, cfg.use_ema)
   prompts = [p for p in cfg.prompts for _ in range(cfg.num_samples)]
-  encoded = [tok.encode(p) if p else [] for p in prompts]
+  encoded = [tok.encode(tasks_base.apply_template(p, cfg.chat_template, tok)) if p else []
+             for p in prompts]
   width = max(map(len, encoded))
   ids, mask = left_pad(encoded, width)
   bs = cfg.batch_size

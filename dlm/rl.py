@@ -55,9 +55,9 @@ def validate(cfg) -> None:
   if not cfg.init.checkpoint and cfg.warmstart.steps == 0:
     raise ConfigError(
         'no policy to post-train: this preset starts from a pretrained model. Pass '
-        '--config.init.checkpoint=<dlm workdir with checkpoints> (a LLaDA-8B-Instruct import '
-        'needs the LLaDA importer, dlm.convert, which is not implemented yet), or run the CPU '
-        'pipeline with --config=configs/rl_countdown.py:cpu')
+        '--config.init.checkpoint=<dlm workdir with checkpoints>, e.g. LLaDA-8B-Instruct '
+        'imported by python -m dlm.convert --src=<its folder> --out=<workdir> (README: "Use '
+        'LLaDA-8B-Instruct"), or run the CPU pipeline with --config=configs/rl_countdown.py:cpu')
   sft.validate(sft_config(cfg, ''))
 
 
@@ -217,7 +217,7 @@ def build(cfg, workdir: str, devices=None) -> Setup:
       train_lib.run(sft_config(cfg, workdir), policy_source(cfg, workdir), devices)
     init = workdir_lib.load(policy_source(cfg, workdir), use_ema=cfg.init.use_ema, mesh=mesh)
     tok, model_section, init_params = init.tokenizer, init.config['model'], init.params
-    tok.save(epath.Path(workdir) / workdir_lib.TOKENIZER)  # the workdir must load alone
+    workdir_lib.save_tokenizer(tok, workdir)  # the workdir must load alone
   cfg = train_lib.with_model(cfg, model_section)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=r.keep_checkpoints)
   start = ckpt.resume_step(cfg.to_dict())

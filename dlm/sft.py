@@ -69,11 +69,11 @@ def task_problems(cfg, workdir, data_dir=''):
   return task, train, held_out
 
 
-def task_tokenizer(cfg, workdir, task, train) -> Tokenizer:
+def task_tokenizer(cfg, workdir, task, train):
   """The workdir's tokenizer, else one trained on the task's prompts and demonstrations."""
+  if workdir_lib.has_tokenizer(workdir):
+    return workdir_lib.load_tokenizer(workdir)
   path = epath.Path(workdir) / workdir_lib.TOKENIZER
-  if path.exists():
-    return Tokenizer.load(path)
   texts = [f'{tasks_base.render_prompt(task, p, cfg.task.prompt, cfg.task.chat_template)} '
            f'{task.demonstration(p)}' for p in train[:_TOKENIZER_TEXTS]]
   return Tokenizer.train(texts, cfg.sft.vocab_size, path)
@@ -98,13 +98,13 @@ def local_rows(global_rows: np.ndarray) -> np.ndarray:
   return global_rows[jax.process_index() * b:(jax.process_index() + 1) * b]
 
 
-def prepare(cfg, workdir, tokenizer: Tokenizer | None = None) -> data_lib.Data:
+def prepare(cfg, workdir, tokenizer=None) -> data_lib.Data:
   """SFT batches of the config's task. `tokenizer`: the init checkpoint's, else the workdir's
   (trained on the task texts on first use)."""
   task, train, held_out = task_problems(cfg, workdir, cfg.data.tfds_data_dir)
   tok = tokenizer or task_tokenizer(cfg, workdir, task, train)
   if tokenizer is not None:
-    tok.save(epath.Path(workdir) / workdir_lib.TOKENIZER)  # the workdir must load alone
+    workdir_lib.save_tokenizer(tok, workdir)  # the workdir must load alone
   enc = task_tokens.Encoder(task, cfg.task, tok, cfg.sft.response_length, train + held_out)
   rows = problem_split(cfg.sft, cfg.seed, len(train))[0]
   problems = [train[i] for i in rows]

@@ -7,7 +7,6 @@ import numpy as np
 
 from dlm.errors import ConfigError
 from dlm.tasks import base as tasks_base
-from dlm.tokenizer import Tokenizer
 
 
 def left_pad(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -21,15 +20,16 @@ def left_pad(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]
 
 
 class Encoder:
-  """prompt / response text ↔ token arrays for one task, tokenizer and response length R."""
+  """prompt / response text ↔ token arrays for one task, tokenizer and response length R.
+  `tok`: a dlm.tokenizer.Tokenizer or dlm.hf_tokenizer.HFTokenizer (encode, decode, eos_id)."""
 
-  def __init__(self, task, task_cfg, tok: Tokenizer, response_length: int, problems):
+  def __init__(self, task, task_cfg, tok, response_length: int, problems):
     self.task, self.task_cfg, self.tok, self.R = task, task_cfg, tok, response_length
     self.P = max(len(tok.encode(self.prompt_text(p))) for p in problems)
 
   def prompt_text(self, problem) -> str:
     return tasks_base.render_prompt(self.task, problem, self.task_cfg.prompt,
-                                    self.task_cfg.chat_template)
+                                    self.task_cfg.chat_template, self.tok)
 
   def prompts(self, problems) -> tuple[np.ndarray, np.ndarray]:
     """(ids_BxP, attend_BxP) of the problems' prompts."""

@@ -125,8 +125,19 @@ def test_render_prompt(task):
   text = task.prompt(p, 'compact')
   assert (dlm.tasks.render_prompt(task, p, 'compact', template) ==
           f'{{"role": "user", "content": "{text}"}} {{x}}')
-  with pytest.raises(ValueError, match=r'task\.chat_template'):
+  with pytest.raises(ValueError, match=r'chat_template'):
     dlm.tasks.render_prompt(task, p, 'compact', '<user>{promt}</user>')
+  # 'auto': the tokenizer's own chat template (one user turn, generation prompt), else raw
+  assert dlm.tasks.render_prompt(task, p, 'compact', 'auto') == text
+
+  class Chat:
+    chat_template = 'given'
+
+    def apply_chat_template(self, messages, add_generation_prompt):
+      assert add_generation_prompt
+      return f'<u>{messages[0]["content"]}</u><a>' if messages[0]['role'] == 'user' else ''
+
+  assert dlm.tasks.render_prompt(task, p, 'compact', 'auto', Chat()) == f'<u>{text}</u><a>'
   with pytest.raises(ValueError, match=r'task\.prompt'):
     dlm.tasks.render_prompt(task, p, 'chat')
 

@@ -7,7 +7,9 @@ task_cfg is the config's `task` section (a ConfigDict or a plain dict), read wit
 Keys every task reads (`SHARED_KEYS`):
   name           the registry key
   prompt         a `PROMPT_STYLES` entry: 'd1' (the d1 training prompt) | 'compact' (tiny models)
-  chat_template  '' = the raw prompt; else a string with '{prompt}' (see `render_prompt`)
+  chat_template  'auto' = the tokenizer's own chat template if it has one (Instruct models), else
+                 the raw prompt; '' = the raw prompt; else a string with '{prompt}'
+                 (see `render_prompt`)
   train_size     training problems to generate
   test_size      held-out problems to generate when eval_file is ''
   eval_file      '' = held-out problems generated disjoint from training; 'd1' = d1's test file
@@ -81,18 +83,30 @@ def check_style(style: str) -> None:
     raise ConfigError(f'task.prompt={style!r}; valid: {PROMPT_STYLES}')
 
 
-def render_prompt(task: Task, problem, style: str, chat_template: str = '') -> str:
-  """The text the model sees: the task's prompt, wrapped in `chat_template` if one is set.
+def render_prompt(task: Task, problem, style: str, chat_template: str = '', tokenizer=None) -> str:
+  """The text the model sees: the task's prompt, through `apply_template`."""
+  return apply_template(task.prompt(problem, style), chat_template, tokenizer)
 
-  The template's '{prompt}' is replaced with `str.replace`, not `str.format`: prompts and
-  templates contain other braces.
+
+def apply_template(text: str, chat_template: str, tokenizer=None) -> str:
+  """`text` as one user turn of a chat template.
+
+  'auto': the tokenizer's own template (an Instruct model's, e.g. LLaDA-8B-Instruct's
+  `tokenizer_config.json`, rendered as `transformers`' apply_chat_template with the generation
+  prompt), or the raw text when the tokenizer has none; '': the raw text; any other string is a
+  template whose '{prompt}' is replaced with `str.replace`, not `str.format` (prompts and
+  templates contain other braces).
   """
-  text = task.prompt(problem, style)
+  if chat_template == 'auto':
+    if tokenizer is not None and getattr(tokenizer, 'chat_template', None):
+      return tokenizer.apply_chat_template([{'role': 'user', 'content': text}],
+                                           add_generation_prompt=True)
+    return text
   if not chat_template:
     return text
   if '{prompt}' not in chat_template:
-    raise ConfigError(f"task.chat_template={chat_template[:_REPR_CHARS]!r} must contain "
-                     "'{prompt}' (or be '' for the raw prompt)")
+    raise ConfigError(f"chat_template={chat_template[:_REPR_CHARS]!r} must contain '{{prompt}}' "
+                     "(or be '' for the raw prompt, 'auto' for the tokenizer's own)")
   return chat_template.replace('{prompt}', text)
 
 

@@ -27,7 +27,7 @@ from dlm.tasks.countdown_reward import evaluate, extract_answer, last_answer, re
 from dlm.tasks.countdown_reward import reward_strict
 
 __all__ = ['Problem', 'solve', 'generate', 'd1_prompt', 'compact_prompt', 'chain_solutions',
-           'compact_solution', 'lazy_answer', 'load_d1_test', 'CountdownTask', 'D1_TEST_FILE',
+           'compact_solution', 'load_d1_test', 'CountdownTask', 'D1_TEST_FILE',
            # re-exported from countdown_reward (public contract)
            'reward', 'last_answer', 'extract_answer', 'evaluate', 'score_answer']
 
