@@ -24,7 +24,8 @@ ITEMS = ('params', 'ema', 'opt', 'data', 'config')
 # (a checkpoint restores onto any mesh). Any other difference changes shapes or results.
 RESUMABLE = ('train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
              'train.keep_checkpoints', 'rl.num_steps', 'rl.log_every', 'rl.eval_every',
-             'rl.checkpoint_every', 'rl.keep_checkpoints', 'eval_sampler.batch_size', 'sharding')
+             'rl.checkpoint_every', 'rl.keep_checkpoints', 'eval_sampler.batch_size', 'sharding',
+             'model.remat', 'model.dtype')  # how to run: memory and speed, not the math run
 
 
 def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:

@@ -17,7 +17,6 @@ from dlm import checkpoint as ckpt_lib
 from dlm import data as data_lib
 from dlm import diffusion
 from dlm import metrics as metrics_lib
-from dlm import model as model_lib
 from dlm import sft
 from dlm import sharding
 from dlm import trainer as trainer_lib
@@ -122,11 +121,17 @@ def pretrain_data(cfg, workdir) -> data_lib.Data:
                   d.batch_size * d.seq_len)
 
 
+RUNTIME_MODEL_KEYS = ('remat', 'dtype')  # how to run a model, not what it is
+
+
 def with_model(cfg, model_section: dict):
   """A copy of cfg whose model section is `model_section` (the architecture a checkpoint
-  decides), so the saved config describes the model actually trained."""
+  decides), so the saved config describes the model actually trained; how it runs
+  (`RUNTIME_MODEL_KEYS`: rematerialisation, compute dtype) stays the run config's."""
   c = ml_collections.ConfigDict(cfg.to_dict())
-  c.model = ml_collections.ConfigDict(model_section)
+  section = dict(model_section)
+  section.update({k: cfg.model[k] for k in RUNTIME_MODEL_KEYS if k in cfg.model})
+  c.model = ml_collections.ConfigDict(section)
   c.lock()
   return c
 
@@ -153,11 +158,6 @@ def setup(cfg, workdir: str, devices=None):
   else:
     data = pretrain_data(cfg, workdir)
   mcfg = workdir_lib.model_config(cfg.model, data.tokenizer)
-  if mcfg.num_embeddings < data.tokenizer.vocab_size + 1 or mcfg.mask_id != data.tokenizer.mask_id:
-    raise ConfigError(f'tokenizer has {data.tokenizer.vocab_size} tokens + mask id '
-                      f'{data.tokenizer.mask_id}, but model.num_embeddings={mcfg.num_embeddings}, '
-                      f'model.mask_id={mcfg.mask_id}; set both to 0 / -1 to size the model from '
-                      'the tokenizer')
   trainer = trainer_lib.Trainer(mcfg, cfg.train, mesh, rules, cfg.seed)
   return cfg, start, data, trainer, ckpt, init
 

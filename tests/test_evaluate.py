@@ -81,3 +81,21 @@ def test_eval_config_errors(untrained, tmp_path):
   c.eval.kind = 'bleu'
   with pytest.raises(ConfigError, match='eval.kind'):
     evaluate.run(c, str(tmp_path))
+
+
+def test_perplexity_reads_a_tfds_split(untrained, tmp_path):
+  """ppl.corpus='tfds' reads a prepared dataset's split: the same documents, hence (k-DCE on the
+  uniform model: exact) the same perplexity as the text itself."""
+  w, V = untrained
+  docs = [f'doc {i}: alice has {i} red cats and bob likes apples.' for i in range(60)]
+  (tmp_path / 'corpus.txt').write_text('\n\n'.join(docs) + '\n')
+  cfg = pretrain.get_config('tiny').data
+  cfg.update(corpus='text_files', text_files=str(tmp_path / 'corpus.txt'))
+  _, _, held_out = data.prepare(cfg, tmp_path / 'prep')
+  name = 'dlm_text_files/' + next((tmp_path / 'prep/tfds/dlm_text_files').iterdir()).name
+  c = ppl_config(w, '', corpus='tfds', tfds_name=name, tfds_split='validation',
+                 tfds_data_dir=str(tmp_path / 'prep/tfds'), loss='k_dce')
+  assert sorted(evaluate.documents(c.ppl)) == sorted(
+      data.example_text(held_out[i]) for i in range(len(held_out)))
+  r = evaluate.run(c, str(tmp_path / 'out'))
+  np.testing.assert_allclose(r['ppl'], V, rtol=1e-4)
