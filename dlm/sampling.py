@@ -341,28 +341,35 @@ def _blockwise(net, x_BxL, key, cfg: SamplerConfig, key_mask_BxL):
   semi_ar = cfg.strategy == 'semi_ar'
   max_steps = cfg.steps // cfg.num_blocks if semi_ar else K  # threshold: ≥ 1 token per step
   gen0 = L - cfg.gen_length
+  # LLaDA's generate ranks every still-masked position before the block's end, not only the
+  # block's: a position whose argmax was the mask token itself (full softmax) stays a candidate
+  # in later blocks. Followed for LLaDA-family nets without a cache; otherwise (and in Fast-dLLM's
+  # cached decoding) a step sees the current block only.
+  whole = semi_ar and net.full_softmax and cfg.cache == 'none'
+  R = L if whole else K  # the region a step ranks: [r0, r0 + R), r0 = 0 (whole) or the block
 
   def run_block(carry, start, static_start):
     x = carry[0]
     n_masked_B = (jax.lax.dynamic_slice_in_dim(x, start, K, axis=1) == mid).sum(-1)
     counts_BxS = reveal_counts(n_masked_B, max_steps)
+    r0 = 0 if whole else start
 
-    def step(carry, logp_BxKxV):
+    def step(carry, logp_BxRxV):
       x, i, it, reveal_BxL, calls_B = carry
-      xb = jax.lax.dynamic_slice_in_dim(x, start, K, axis=1)
-      masked = xb == mid
-      cand, conf = _propose(logp_BxKxV, masked, jax.random.fold_in(key, it), cfg)
+      xr = jax.lax.dynamic_slice_in_dim(x, r0, R, axis=1)
+      masked = (xr == mid) & (r0 + jnp.arange(R) < start + K)[None]
+      cand, conf = _propose(logp_BxRxV, masked, jax.random.fold_in(key, it), cfg)
       if semi_ar:
-        rank_BxK = jnp.argsort(jnp.argsort(-conf, axis=-1, stable=True), axis=-1, stable=True)
+        rank_BxR = jnp.argsort(jnp.argsort(-conf, axis=-1, stable=True), axis=-1, stable=True)
         k_B = jax.lax.dynamic_index_in_dim(counts_BxS, i, axis=1, keepdims=False)
-        sel = masked & (rank_BxK < k_B[:, None])
+        sel = masked & (rank_BxR < k_B[:, None])
       else:
-        top1 = jnp.arange(K)[None] == jnp.argmax(conf, axis=-1)[:, None]
+        top1 = jnp.arange(R)[None] == jnp.argmax(conf, axis=-1)[:, None]
         sel = masked & ((conf > cfg.threshold) | top1)
-      rb = jax.lax.dynamic_slice_in_dim(reveal_BxL, start, K, axis=1)
-      rb = jnp.where(sel, calls_B[:, None], rb)
-      x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(sel, cand, xb), start, axis=1)
-      reveal_BxL = jax.lax.dynamic_update_slice_in_dim(reveal_BxL, rb, start, axis=1)
+      rr = jax.lax.dynamic_slice_in_dim(reveal_BxL, r0, R, axis=1)
+      rr = jnp.where(sel, calls_B[:, None], rr)
+      x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(sel, cand, xr), r0, axis=1)
+      reveal_BxL = jax.lax.dynamic_update_slice_in_dim(reveal_BxL, rr, r0, axis=1)
       calls_B = calls_B + masked.any(-1)
       return x, i + 1, it + 1, reveal_BxL, calls_B
 
@@ -374,7 +381,9 @@ def _blockwise(net, x_BxL, key, cfg: SamplerConfig, key_mask_BxL):
       return (carry[1] < max_steps) & (xb == mid).any()
 
     carry = (x, jnp.int32(0), *carry[1:])
-    if cfg.cache == 'none':
+    if whole:
+      body = lambda c: step(c, full(c[0]))
+    elif cfg.cache == 'none':
       body = lambda c: step(c, block_logp(full(c[0]), start))
     else:  # refresh the cache once per block; its first step uses the full forward's output
       logp, kv = encode(x)
