@@ -4,7 +4,10 @@
 [--dtype=float32] [--dir=/tmp/dlm_bench_convert]` writes a random checkpoint of that shape (one
 safetensors shard per layer, written shard by shard), imports it in a child process with
 `--param_dtype` equal to the file's dtype, and reports the child's peak RSS against the
-checkpoint's bytes (goal: ≤ 1.5× plus a constant). Prints a table and, last, one JSON line.
+checkpoint's bytes (goal: ≤ 1.5× plus a constant). A second child runs the same import in-process
+and reports each stage's peak and what it leaves resident (VmHWM, reset between stages through
+/proc/self/clear_refs): `ready` (interpreter with dlm and JAX imported), `read` (read_params:
+tensors → parameters), `save` (the orbax save). Prints a table and, last, one JSON line.
 """
 import json
 import os
@@ -27,6 +30,45 @@ _F = flags.DEFINE_integer('mlp', 5632, 'MLP hidden size')
 _V = flags.DEFINE_integer('vocab', 32000, 'vocabulary rows (mask included)')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'file and param dtype')
 _DIR = flags.DEFINE_string('dir', '/tmp/dlm_bench_convert', 'scratch folder (removed after)')
+_STAGES = flags.DEFINE_bool('stages', True, 'also run the per-stage child')
+_STAGE_CHILD = flags.DEFINE_string('stage_child', None, 'internal: SRC,OUT,DTYPE of the stage '
+                                   'child, which prints its stages as one JSON line')
+
+
+def _memory() -> tuple[int, int]:
+  """(resident bytes now, peak resident bytes since the last reset) of this process."""
+  status = dict(line.split(':', 1) for line in open('/proc/self/status'))
+  kb = lambda key: int(status[key].split()[0]) * 1024
+  return kb('VmRSS'), kb('VmHWM')
+
+
+def _reset_peak() -> None:
+  with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')  # VmHWM := VmRSS
+
+
+def stage_child(src: str, out: str, dtype: str) -> dict:
+  """Imports `src` into `out` in this process, wrapping its stages to read each one's peak."""
+  stages = {}
+  import dlm.convert as convert  # pylint: disable=g-import-not-at-top
+  from dlm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  stages['ready'] = _memory()
+
+  def staged(module, name, stage):
+    fn = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+      _reset_peak()
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        stages[stage] = _memory()
+    setattr(module, name, wrapper)
+
+  staged(convert, 'read_params', 'read')
+  staged(ckpt_lib, 'save_uncompressed', 'save')
+  convert.import_checkpoint(src, out, param_dtype=dtype)
+  return {k: {'peak': hwm, 'after': rss} for k, (rss, hwm) in stages.items()}
 
 
 def write_checkpoint(path: epath.Path, d: int, n_layers: int, f: int, v: int, dtype) -> int:
@@ -62,6 +104,9 @@ def _save(save_file, tensors: dict, path) -> int:
 
 def main(argv):
   del argv
+  if _STAGE_CHILD.value:
+    print(json.dumps(stage_child(*_STAGE_CHILD.value.split(','))))
+    return
   scratch = epath.Path(_DIR.value)
   if scratch.exists():
     shutil.rmtree(scratch)
@@ -81,6 +126,18 @@ def main(argv):
   peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the import child
   out = {'dtype': _DTYPE.value, 'checkpoint_bytes': nbytes, 'import_peak_rss_bytes': peak,
          'ratio': peak / nbytes, 'write_seconds': write_s, 'import_seconds': import_s}
+  if _STAGES.value:
+    shutil.rmtree(scratch / 'out')
+    child = subprocess.run(
+        [sys.executable, '-m', 'dlm.bench.convert_memory',
+         f'--stage_child={scratch / "src"},{scratch / "out2"},{_DTYPE.value}'],
+        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True)
+    if child.returncode:
+      print(child.stderr[-2000:])
+      raise SystemExit(child.returncode)
+    for stage, m in json.loads(child.stdout.strip().splitlines()[-1]).items():
+      out[f'{stage}_peak_ratio'] = m['peak'] / nbytes
+      out[f'{stage}_after_ratio'] = m['after'] / nbytes
   shutil.rmtree(scratch)
   bench.print_report(out)
 

@@ -142,12 +142,35 @@ def read_params(src, fmt: str | None = None, param_dtype: str = 'float32', mesh=
   params: dict[str, Any] = {}
   for path, group in by_param.items():
     target = _get(abstract, path)
-    host = np.empty(target.shape, DTYPES[param_dtype])
+    host = _aligned_empty(target.shape, DTYPES[param_dtype])
     for s in group:
-      host[s.index] = s.to_dlm(_read(index, s.name)).astype(host.dtype)
-    _set(params, path, jax.device_put(host, target.sharding))
+      # to_dlm is a view (transpose/reshape) and the copy into `host` converts the dtype, so
+      # each tensor is copied once, and freed before the next is read.
+      host[s.index] = s.to_dlm(_read(index, s.name))
+    _set(params, path, _to_device(host, target.sharding))
     del host
   return model, graphdef, params, fmt
+
+
+# XLA's CPU client adopts a host buffer aligned to this many bytes instead of copying it.
+_ALIGN = 64
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+  """np.empty(shape, dtype) whose data starts on a _ALIGN-byte boundary (numpy's own large
+  allocations sit 16 bytes past a page start)."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  start = -raw.ctypes.data % _ALIGN
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _to_device(host: np.ndarray, sharding) -> jax.Array:
+  """`host` as a jax.Array with `sharding`. On a one-device CPU sharding the array adopts the
+  (aligned) host buffer instead of copying it, so a parameter exists once, not twice, while it
+  is placed; other devices get copies of their shards. `host` is not written afterwards."""
+  return jax.device_put(host, sharding, may_alias=True)
 
 
 def load_model(src, fmt: str | None = None, param_dtype: str = 'float32'):
@@ -187,9 +210,10 @@ def import_checkpoint(src, out, fmt: str | None = None, param_dtype: str = 'floa
               'sharding': {'data': 1, 'fsdp': -1, 'tensor': 1,
                            'rules': sharding.DEFAULT_RULES},
               'source': {'format': fmt, 'path': str(src)}}
-    ckpt = ckpt_lib.Checkpointer(str(tmp), async_save=False)
-    ckpt.save(STEP, {'params': params}, '[]', config)
-    ckpt.close()
+    # Uncompressed: orbax then writes from the parameters' own buffers instead of holding a
+    # compressed copy of all of them until the save commits (BENCHMARKS.md, import memory).
+    ckpt_lib.save_uncompressed(str(tmp), STEP, {'params': params}, '[]', config)
+    del params
     for name in TOKENIZER_FILES:
       if (src / name).exists():
         shutil.copyfile(src / name, tmp / name)
