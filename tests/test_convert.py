@@ -22,7 +22,7 @@ from dlm import convert
 from dlm import model as model_lib
 from dlm import workdir as workdir_lib
 from dlm.convert import layouts
-from dlm.errors import DataError, MissingFileError
+from dlm.errors import ConfigError, DataError, MissingFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 D, N, F, L, V = 16, 2, 48, 2, 37  # d_model, heads, MLP, layers, rows (mask included)
@@ -162,11 +162,21 @@ def test_import_puts_every_tensor_where_the_model_reads_it(fmt, tmp_path):
   np.testing.assert_allclose(got[finite], want[finite], atol=1e-4)
 
 
+def word_level_tokenizer(size: int, path: Path) -> None:
+  """A Hugging Face tokenizer.json of `size` words (the last is GPT-2's eos), no mask token."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  vocab = {**{f'w{i}': i for i in range(size - 1)}, '<|endoftext|>': size - 1}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token='<|endoftext|>'))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(path))
+
+
 def test_llada_import_export_import_is_bit_exact(tmp_path):
   t = llada_tensors(np.random.default_rng(2))
   src = write_folder(tmp_path / 'src', LLADA_CONFIG, t, shards=3)
-  (src / 'tokenizer.json').write_text('{"model": "stand-in"}')
+  word_level_tokenizer(V - 3, src / 'tokenizer.json')  # mask id = its size = the config's
   w = convert.import_checkpoint(src, tmp_path / 'w')
+  assert workdir_lib.load(w).tokenizer.mask_id == LLADA_CONFIG['mask_token_id']
   out = convert.export_llada(w, tmp_path / 'out', max_shard_bytes=20_000)
   index = json.loads((Path(out) / 'model.safetensors.index.json').read_text())
   assert sorted(index['weight_map']) == sorted(t) and len(set(index['weight_map'].values())) > 1
@@ -176,7 +186,7 @@ def test_llada_import_export_import_is_bit_exact(tmp_path):
     assert got.dtype == a.dtype and np.array_equal(got, a), name
   cfg = json.loads((Path(out) / 'config.json').read_text())
   assert {k: cfg[k] for k in LLADA_CONFIG} == LLADA_CONFIG
-  assert (Path(out) / 'tokenizer.json').read_text() == '{"model": "stand-in"}'
+  assert (Path(out) / 'tokenizer.json').read_bytes() == (src / 'tokenizer.json').read_bytes()
   w2 = convert.import_checkpoint(out, tmp_path / 'w2')
   p1, p2 = (workdir_lib.load(x, need_tokenizer=False).params for x in (w, w2))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p1, p2)
@@ -234,7 +244,14 @@ def test_bad_sources_are_one_line_errors_and_leave_nothing(tmp_path):
     convert.import_checkpoint(write_folder(tmp_path / 'gaps', LLADA_CONFIG, t), tmp_path / 'o4')
   with pytest.raises(MissingFileError, match='config.json'):
     convert.import_checkpoint(tmp_path, tmp_path / 'o5')  # a folder without config.json
-  assert not (tmp_path / 'o4').exists() and not list(tmp_path.glob('.o*'))
+  wrong = tmp_path / 'wrong_tok'
+  wrong.mkdir()
+  word_level_tokenizer(V - 1, wrong / 'tokenizer.json')  # its mask id would be 36, not 34
+  with pytest.raises(ConfigError, match='mask id 36.*model.mask_id=34'):
+    convert.import_checkpoint(write_folder(tmp_path / 'ok', LLADA_CONFIG, llada_tensors(rng)),
+                              tmp_path / 'o6', tokenizer=wrong)
+  assert not any((tmp_path / o).exists() for o in ('o4', 'o5', 'o6'))
+  assert not list(tmp_path.glob('.o*'))
 
 
 def test_imported_workdir_loads_its_parameters_alone(tmp_path):
@@ -242,8 +259,9 @@ def test_imported_workdir_loads_its_parameters_alone(tmp_path):
   from dlm.tokenizer import Tokenizer
   src = write_folder(tmp_path / 'src', RADD_CONFIG, radd_tensors(np.random.default_rng(5)))
   texts = [f'word{i % 40} and more words {i}' for i in range(400)]
-  assert Tokenizer.train(texts, V - 1, src / 'tokenizer.model').vocab_size == V - 1
-  w = convert.import_checkpoint(src, tmp_path / 'w')
+  (tmp_path / 'tok').mkdir()
+  assert Tokenizer.train(texts, V - 1, tmp_path / 'tok/tokenizer.model').vocab_size == V - 1
+  w = convert.import_checkpoint(src, tmp_path / 'w', tokenizer=tmp_path / 'tok')  # RADD: none
   loaded = workdir_lib.load(w)
   assert loaded.step == convert.STEP and loaded.mcfg.family == 'radd'
   direct = convert.load_model(src)

@@ -32,17 +32,13 @@ def _fixture(name):
 
 @pytest.fixture(scope='module')
 def llada():
-  model = convert.load_model(os.path.join(DATA, 'llada_tiny'))
-  if model.cfg.dtype != 'float32':
-    pytest.skip(f'model.dtype {model.cfg.dtype} on this backend: the fixtures are float32')
+  model = convert.load_model(os.path.join(DATA, 'llada_tiny'), dtype='float32')  # as the fixtures
   return model, _fixture('llada_expected.npz')
 
 
 @pytest.fixture(scope='module')
 def radd():
-  model = convert.load_model(os.path.join(DATA, 'radd_tiny'))
-  if model.cfg.dtype != 'float32':
-    pytest.skip(f'model.dtype {model.cfg.dtype} on this backend: the fixtures are float32')
+  model = convert.load_model(os.path.join(DATA, 'radd_tiny'), dtype='float32')  # as the fixtures
   return model, _fixture('radd_expected.npz')
 
 

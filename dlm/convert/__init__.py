@@ -17,6 +17,7 @@ no second copy of the model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -35,7 +36,7 @@ from dlm.convert import layouts
 from dlm.errors import ConfigError, DataError, MissingFileError
 
 PICKLES = ('.bin', '.pth', '.pt', '.ckpt', '.pkl', '.pickle')
-TOKENIZER_FILES = (workdir_lib.TOKENIZER, 'tokenizer.json', 'tokenizer_config.json',
+TOKENIZER_FILES = (workdir_lib.TOKENIZER, 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja',
                    'special_tokens_map.json', 'generation_config.json')
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 STEP = 0  # the step an imported checkpoint is saved as
@@ -122,15 +123,17 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def read_params(src, fmt: str | None = None, param_dtype: str = 'float32', mesh=None):
+def read_params(src, fmt: str | None = None, param_dtype: str = 'float32', mesh=None,
+                dtype: str = 'auto'):
   """(model section, graphdef, params) of an outside folder, each parameter assembled on the
-  host from its tensors and placed into its sharding before the next is read."""
+  host from its tensors and placed into its sharding before the next is read. `dtype`: the
+  compute dtype (model.dtype; 'auto' = bfloat16 on accelerators, float32 on CPU)."""
   src = epath.Path(src)
   config = read_config(src)
   fmt = fmt or layouts.detect(config)
   if param_dtype not in DTYPES:
     raise ConfigError(f'param_dtype={param_dtype!r}; valid: {tuple(DTYPES)}')
-  model = {**layouts.model_section(fmt, config), 'param_dtype': param_dtype}
+  model = {**layouts.model_section(fmt, config), 'param_dtype': param_dtype, 'dtype': dtype}
   index = tensor_index(src)
   slots = check_tensors(fmt, model, index)
   mcfg = model_lib.config_from(model)
@@ -173,11 +176,11 @@ def _to_device(host: np.ndarray, sharding) -> jax.Array:
   return jax.device_put(host, sharding, may_alias=True)
 
 
-def load_model(src, fmt: str | None = None, param_dtype: str = 'float32'):
-  """The outside checkpoint in `src` as a `dlm.model.Transformer` (log-probs over the real
-  vocabulary, mask column −inf)."""
+def load_model(src, fmt: str | None = None, param_dtype: str = 'float32', dtype: str = 'auto'):
+  """The outside checkpoint in `src` as a `dlm.model.Transformer`: calling it gives log-probs
+  over the real vocabulary (mask column −inf), `.logits` the raw scores over every row."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  _, graphdef, params, _ = read_params(src, fmt, param_dtype)
+  _, graphdef, params, _ = read_params(src, fmt, param_dtype, dtype=dtype)
   return nnx.merge(graphdef, params)
 
 
@@ -198,11 +201,17 @@ def _publish(tmp: epath.Path, out: epath.Path) -> None:
   tmp.rename(out)
 
 
-def import_checkpoint(src, out, fmt: str | None = None, param_dtype: str = 'float32') -> str:
-  """Writes the dlm workdir `out` from the outside folder `src`; returns `out`."""
+def import_checkpoint(src, out, fmt: str | None = None, param_dtype: str = 'float32',
+                      tokenizer=None) -> str:
+  """Writes the dlm workdir `out` from the outside folder `src`; returns `out`.
+
+  The tokenizer files come from `src` (LLaDA ships them), or from `tokenizer`: a folder with a
+  Hugging Face tokenizer.json (RADD's checkpoints use GPT-2's, which they do not ship) or a
+  dlm tokenizer.model file. It must fit the model (its mask id is the model's)."""
   src = epath.Path(src)
   if not src.is_dir():
     raise MissingFileError(f'--src={src} is not a folder')
+  tok_src = _tokenizer_files(epath.Path(tokenizer)) if tokenizer else _tokenizer_files(src)
   out, tmp = _fresh_out(out)
   try:
     model, _, params, fmt = read_params(src, fmt, param_dtype)
@@ -214,14 +223,30 @@ def import_checkpoint(src, out, fmt: str | None = None, param_dtype: str = 'floa
     # compressed copy of all of them until the save commits (BENCHMARKS.md, import memory).
     ckpt_lib.save_uncompressed(str(tmp), STEP, {'params': params}, '[]', config)
     del params
-    for name in TOKENIZER_FILES:
-      if (src / name).exists():
-        shutil.copyfile(src / name, tmp / name)
+    for f in tok_src:
+      shutil.copyfile(f, tmp / f.name)
+    if workdir_lib.has_tokenizer(tmp):
+      workdir_lib.model_config(model, workdir_lib.load_tokenizer(tmp))  # fits, or ConfigError
+    else:
+      logging.warning('%s has no tokenizer: sampling, evaluation and RL need one; import again '
+                      'with --tokenizer=<folder with tokenizer.json>', src)
     _publish(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return str(out)
+
+
+def _tokenizer_files(path: epath.Path) -> list[epath.Path]:
+  """The tokenizer files at `path` (a folder, or a tokenizer.model / tokenizer.json file)."""
+  if path.is_file():
+    if path.name not in (workdir_lib.TOKENIZER, workdir_lib.HF_TOKENIZER):
+      raise ConfigError(f'--tokenizer={path}: expected a folder, {workdir_lib.TOKENIZER} or '
+                        f'{workdir_lib.HF_TOKENIZER}')
+    return [path]
+  if not path.is_dir():
+    raise MissingFileError(f'tokenizer {path} not found')
+  return [path / name for name in TOKENIZER_FILES if (path / name).exists()]
 
 
 def export_llada(src, out, use_ema: bool = True, max_shard_bytes: int = 5 * 2**30) -> str:

@@ -1,5 +1,5 @@
-"""`python -m dlm.convert --src=DIR --out=W [--format=llada|radd] [--param_dtype=float32|bfloat16]`
-imports an outside checkpoint into a dlm workdir; `python -m dlm.convert --export=llada --src=W
+"""`python -m dlm.convert --src=DIR --out=W [--format=llada|radd] [--param_dtype=float32|bfloat16]
+[--tokenizer=DIR]` imports an outside checkpoint into a dlm workdir; `python -m dlm.convert --export=llada --src=W
 --out=DIR` writes a dlm workdir in LLaDA's layout. Problems print one line and exit 1."""
 import sys
 
@@ -14,6 +14,8 @@ _FORMAT = flags.DEFINE_enum('format', None, ['llada', 'radd'], 'source format (d
                             'its config.json)')
 _DTYPE = flags.DEFINE_enum('param_dtype', 'float32', ['float32', 'bfloat16'],
                            'dtype of the imported parameters')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'tokenizer for the import when --src has '
+                                 'none (RADD): a folder with tokenizer.json, or a file')
 _EXPORT = flags.DEFINE_enum('export', None, ['llada'], 'export a dlm workdir to this layout')
 _EMA = flags.DEFINE_bool('use_ema', True, 'export the EMA parameters when the run kept them')
 flags.mark_flags_as_required(['src', 'out'])
@@ -26,7 +28,8 @@ def main(argv):
     if _EXPORT.value:
       out = convert.export_llada(_SRC.value, _OUT.value, use_ema=_EMA.value)
     else:
-      out = convert.import_checkpoint(_SRC.value, _OUT.value, _FORMAT.value, _DTYPE.value)
+      out = convert.import_checkpoint(_SRC.value, _OUT.value, _FORMAT.value, _DTYPE.value,
+                                      _TOKENIZER.value)
   except DlmError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
