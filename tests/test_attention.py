@@ -1,0 +1,45 @@
+"""Attention implementations agree with the XLA path (splash in Pallas interpret mode here; cuDNN
+needs a GPU), and `auto` picks each platform's fused kernel only where its constraints hold."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlm import attention
+from dlm.errors import ConfigError
+
+
+def qkv(B=2, T=40, S=40, N=2, H=16, seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(k[0], (B, T, N, H)), jax.random.normal(k[1], (B, S, N, H)),
+          jax.random.normal(k[2], (B, S, N, H)))
+
+
+@pytest.mark.parametrize('T,S', [(40, 40), (8, 40)])  # whole sequence; a cached window
+def test_splash_equals_xla_with_key_padding(T, S):
+  q, k, v = qkv(T=T, S=S)
+  km = jnp.arange(S)[None] >= jnp.asarray([0, 7])[:, None]  # row 1: 7 left-padding keys
+  splash = lambda q, k, v: attention.attend(q, k, v, km, 'splash', interpret=True)
+  xla = lambda q, k, v: attention.attend(q, k, v, km, 'xla')
+  np.testing.assert_allclose(jax.jit(splash)(q, k, v), xla(q, k, v), atol=1e-5)
+  loss = lambda f: lambda *a: (f(*a) ** 2).sum()
+  for g_s, g_x in zip(jax.grad(loss(splash), (0, 1, 2))(q, k, v),
+                      jax.grad(loss(xla), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_s, g_x, atol=1e-4)
+  # the mask is live: without it the padded row differs
+  assert not np.allclose(attention.attend(q, k, v, None, 'xla')[1], xla(q, k, v)[1], atol=1e-3)
+
+
+def test_auto_picks_the_fused_kernel_only_where_it_can_run(caplog):
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  assert attention.resolve('auto', f32, 64, 'cpu') == 'xla'
+  assert attention.resolve('auto', bf16, 64, 'gpu') == 'cudnn'
+  assert attention.resolve('auto', bf16, 64, 'tpu') == 'splash'
+  with caplog.at_level('WARNING'):
+    assert attention.resolve('auto', f32, 64, 'gpu') == 'xla'
+    assert attention.resolve('auto', bf16, 160, 'gpu') == 'xla'
+  assert 'bfloat16/float16' in caplog.text and 'head_dim ≤ 128' in caplog.text
+  with pytest.raises(ConfigError, match='cuDNN attention needs an NVIDIA GPU'):
+    attention.resolve('cudnn', bf16, 64, 'cpu')
+  with pytest.raises(ConfigError, match='valid'):
+    attention.resolve('flash', bf16, 64, 'cpu')
