@@ -24,6 +24,20 @@ def train_flops_per_token(n_params_matmul: int, n_layers: int, d_model: int, seq
   return 6.0 * n_params_matmul + 12.0 * n_layers * d_model * seq_len
 
 
+def model_flops_per_token(mcfg, seq_len: int) -> float:
+  """`train_flops_per_token` of a model config (the embedding gather is not a matmul)."""
+  from dlm import model as model_lib  # pylint: disable=g-import-not-at-top
+  n_matmul = model_lib.count_params(mcfg) - mcfg.num_embeddings * mcfg.d_model
+  return train_flops_per_token(n_matmul, mcfg.n_layers, mcfg.d_model, seq_len)
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, n_devices: int) -> float | None:
+  """Model FLOP utilisation against the chips' dense bf16 peak (None where the peak is unknown,
+  e.g. on CPU)."""
+  peak = peak_flops_per_device()
+  return tokens_per_sec * flops_per_token / (peak * n_devices) if peak else None
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step; process 0 writes, others are silent."""
 

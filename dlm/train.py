@@ -180,6 +180,8 @@ def run(cfg, workdir: str, devices=None) -> dict:
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
   log(f'{cfg.mode}: model {n_params:,} params on mesh {dict(trainer.mesh.shape)}; '
       f'{max(t.num_steps - start, 0)} steps to go')
+  flops_per_token = metrics_lib.model_flops_per_token(
+      trainer.mcfg, data.tokens_per_step // cfg.data.batch_size)
   eval_key = jax.random.key_data(jax.random.key(cfg.seed + 1))
   step_fn = eval_fn = batch_shard = None
   last = {}
@@ -205,8 +207,12 @@ def run(cfg, workdir: str, devices=None) -> dict:
       t0, t0_step = now, s
       last = {'train/loss': loss, 'train/grad_norm': float(m['grad_norm']),
               'train/tokens_per_sec': tps}
+      util = metrics_lib.mfu(tps, flops_per_token, trainer.mesh.size)
+      if util is not None:  # accelerators only: the per-chip peak table has no CPUs
+        last['train/mfu'] = util
       writer.write(s, last)
-      log(f'{cfg.mode} step {s}/{t.num_steps} | loss {loss:.4f} | {tps:,.0f} tok/s')
+      log(f'{cfg.mode} step {s}/{t.num_steps} | loss {loss:.4f} | {tps:,.0f} tok/s'
+          + (f' | MFU {util:.1%}' if util is not None else ''))
 
   for s in range(start + 1, t.num_steps + 1):
     local = data.to_batch(next(data.iterator))

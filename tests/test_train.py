@@ -206,3 +206,19 @@ def test_accelerators_compute_in_bf16_by_default(monkeypatch):
   assert model_lib.config_from(c.model).dtype == 'float32'  # this CPU
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
   assert model_lib.config_from(c.model).dtype == 'bfloat16'
+
+
+def test_mfu_is_model_flops_over_the_chips_peak(monkeypatch):
+  from dlm import metrics as metrics_lib
+  from dlm import model as model_lib
+  V, d, f, layers, L = 40, 16, 48, 3, 24
+  mcfg = model_lib.ModelConfig(num_embeddings=V, mask_id=V - 1, d_model=d, n_layers=layers,
+                               n_heads=2, mlp_dim=f, family='llada')
+  per_layer = 2 * d + 4 * d * d + 3 * d * f  # two RMSNorms, q/k/v/out, SwiGLU
+  matmul_params = layers * per_layer + d + d * V  # + final norm + head (the embedding: a gather)
+  want = 6.0 * matmul_params + 12.0 * layers * d * L
+  assert metrics_lib.model_flops_per_token(mcfg, L) == want
+  monkeypatch.setattr(metrics_lib, 'peak_flops_per_device', lambda: 2e12)
+  assert metrics_lib.mfu(1000.0, want, 4) == pytest.approx(1000.0 * want / 8e12)
+  monkeypatch.setattr(metrics_lib, 'peak_flops_per_device', lambda: None)  # CPU: not logged
+  assert metrics_lib.mfu(1000.0, want, 4) is None
