@@ -152,12 +152,19 @@ def sequence_loss(loss: str, nll_BxL: jax.Array, mask_BxL: jax.Array, noise_B: j
   return n_B / jnp.maximum(noise_B, 1.0) * masked_sum_B
 
 
-def diffusion_loss(apply_fn, x0_BxL: jax.Array, key: jax.Array, *, loss: str = 'lambda_dce',
+def gather_targets(apply_fn):
+  """A `logp_fn` for `diffusion_loss` from apply_fn(xt_BxL) -> float32 log-probs [B, L, V]."""
+  return lambda xt_BxL, x0_BxL: -per_token_nll(apply_fn(xt_BxL), x0_BxL)
+
+
+def diffusion_loss(logp_fn, x0_BxL: jax.Array, key: jax.Array, *, loss: str = 'lambda_dce',
                    schedule: str = 'loglinear', eps: float = 1e-3, mask_id: int,
                    maskable_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """One Monte Carlo draw of the per-sequence loss: returns (loss_B, num_tokens_B).
 
-  apply_fn(xt_BxL) -> float32 log-probs [B, L, V] (e.g. `model.real_log_softmax` of the logits).
+  logp_fn(xt_BxL, x0_BxL) -> float32 [B, L]: log q(x0 | x_t) at every position (a model's
+  `token_logp`, which never builds the full [B, L, V] log-probs; `gather_targets` adapts a
+  function that does).
   maskable_BxL=None masks anywhere (pretraining); SFT passes False on prompt positions, which are
   then never masked and never scored. num_tokens_B counts maskable positions, so
   sum(loss_B) / sum(num_tokens_B) is nats per token.
@@ -167,7 +174,6 @@ def diffusion_loss(apply_fn, x0_BxL: jax.Array, key: jax.Array, *, loss: str = '
   if maskable_BxL is None:
     maskable_BxL = jnp.ones(x0_BxL.shape, bool)
   mask_BxL, noise_B = draw_noise(key, loss, maskable_BxL, schedule, eps)
-  logp_BxLxV = apply_fn(corrupt(x0_BxL, mask_BxL, mask_id))
-  nll_BxL = per_token_nll(logp_BxLxV, x0_BxL)
+  nll_BxL = -logp_fn(corrupt(x0_BxL, mask_BxL, mask_id), x0_BxL).astype(jnp.float32)
   loss_B = sequence_loss(loss, nll_BxL, mask_BxL, noise_B, maskable_BxL, schedule, eps)
   return loss_B, maskable_BxL.sum(-1).astype(jnp.float32)

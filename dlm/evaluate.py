@@ -133,7 +133,7 @@ def perplexity_records(graphdef, params, mask_id: int, rows_NxL, ppl_cfg, seed: 
     model = nnx.merge(graphdef, params)
 
     def draw(d, acc):
-      loss_B, _ = diffusion.diffusion_loss(lambda xt: model(xt), tokens_BxL,
+      loss_B, _ = diffusion.diffusion_loss(model.token_logp, tokens_BxL,
                                            jax.random.fold_in(key, d), loss=ppl_cfg.loss,
                                            mask_id=mask_id)
       return acc + loss_B

@@ -42,6 +42,9 @@ class ModelConfig:
   param_dtype: str = 'float32'
   dtype: str = 'float32'
   remat: str = 'none'
+  # positions per output-head chunk in `token_logp` (0 = all at once): each live copy of a
+  # chunk's logits is B·head_chunk·V float32 (B = rows per device)
+  head_chunk: int = 128
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -51,6 +54,8 @@ class ModelConfig:
     for k in ('param_dtype', 'dtype'):
       if getattr(self, k) not in DTYPES:
         raise ConfigError(f'model.{k}={getattr(self, k)!r}; valid: {tuple(DTYPES)}')
+    if self.head_chunk < 0:
+      raise ConfigError(f'model.head_chunk={self.head_chunk} must be ≥ 0 (0 = no chunking)')
     if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
       raise ConfigError(f'model.d_model={self.d_model} must split into {self.n_heads} heads of '
                        'even size (RoPE rotates half-heads)')
@@ -275,6 +280,14 @@ class Transformer(nnx.Module):
     The one forward path: training and plain sampling see the whole sequence (start 0, no kv);
     cached samplers (Fast-dLLM) pass the other positions' keys/values as kv, stacked
     [n_layers, B, L, N, H]."""
+    h_BxWxD, new_kv = self.hidden(tokens_BxW, key_mask_BxL=key_mask_BxL, dropout_key=dropout_key,
+                                  start=start, kv=kv, return_kv=return_kv)
+    return self.project(h_BxWxD), new_kv
+
+  def hidden(self, tokens_BxW, *, key_mask_BxL=None, dropout_key=None, start=0, kv=None,
+             return_kv=False):
+    """(final-normed hidden states [B, W, d_model], per-layer (k, v) or None): `forward`
+    before the output head."""
     cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
     x = self.embed[...].astype(dt)[tokens_BxW]
     train = dropout_key is not None and cfg.dropout > 0
@@ -290,10 +303,45 @@ class Transformer(nnx.Module):
     if cfg.remat != 'none':
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     x, new_kv = jax.lax.scan(layer, x, (layers, keys, kv))
-    logits = _tokens_first(lambda h: h @ self.head[...].astype(dt), self.norm_final(x))
-    if self.head_bias is not None:
-      logits = logits + self.head_bias[...].astype(dt)
-    return logits.astype(jnp.float32), new_kv
+    return self.norm_final(x), new_kv
+
+  def project(self, h_BxCxD):
+    """The output head: float32 logits [B, C, num_embeddings] of final hidden states."""
+    bias = None if self.head_bias is None else self.head_bias[...]
+    return _project(self.head[...], bias, h_BxCxD, DTYPES[self.cfg.dtype])
+
+  def token_logp(self, tokens_BxL, targets_BxL, *, key_mask_BxL=None, dropout_key=None):
+    """log q(targets_BxL | tokens_BxL), float32 [B, L], over the real vocabulary: all that the
+    losses and RL objectives read. The head runs over chunks of `cfg.head_chunk` positions, each
+    under remat, so at most one chunk's [B, C, V] logits exist at a time, forward or backward
+    (the full [B, L, V] tensor is the largest activation of a big-vocabulary model);
+    head_chunk=0 projects every position at once."""
+    cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+    h_BxLxD, _ = self.hidden(tokens_BxL, key_mask_BxL=key_mask_BxL, dropout_key=dropout_key)
+    head, bias = self.head[...], None if self.head_bias is None else self.head_bias[...]
+
+    def chunk_logp(h_BxCxD, t_BxC):
+      logp = real_log_softmax(_project(head, bias, h_BxCxD, dt), cfg.mask_id)
+      return jnp.take_along_axis(logp, t_BxC[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+    B, L, D = h_BxLxD.shape
+    C = cfg.head_chunk
+    if not C or C >= L:
+      return chunk_logp(h_BxLxD, targets_BxL)
+    n = -(-L // C)
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, n * C - L)] + [(0, 0)] * (a.ndim - 2))
+    h_NxBxCxD = pad(h_BxLxD).reshape(B, n, C, D).swapaxes(0, 1)
+    t_NxBxC = pad(targets_BxL).reshape(B, n, C).swapaxes(0, 1)
+    logp_NxBxC = jax.lax.map(lambda a: jax.checkpoint(chunk_logp)(*a), (h_NxBxCxD, t_NxBxC))
+    return logp_NxBxC.swapaxes(0, 1).reshape(B, n * C)[:, :L]
+
+
+def _project(head_DxV, bias_V, h_BxCxD, dt):
+  """h·head (+ bias) in float32: the matmul takes `dt` inputs and accumulates in float32
+  (logits rounded to bf16 would quantise every NLL by ~0.1 nats)."""
+  logits = _tokens_first(lambda h: jnp.matmul(h.astype(dt), head_DxV.astype(dt),
+                                              preferred_element_type=jnp.float32), h_BxCxD)
+  return logits if bias_V is None else logits + bias_V.astype(jnp.float32)
 
 
 def count_params(cfg: ModelConfig) -> int:

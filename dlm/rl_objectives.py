@@ -49,8 +49,8 @@ def elbo_term(model, batch, j, mask_id: int) -> jax.Array:
   """ℓ_j = (1/t_j) Σ_{masked response tokens} log p_θ(y_i | y_t, x): one sample of the ELBO."""
   tokens = batch['tokens_BxT']
   mask_BxT, t_B = sample_mask(batch['row_key_Bx2'], j, batch['maskable_BxT'])
-  logp_BxTxV = model(jnp.where(mask_BxT, mask_id, tokens), key_mask_BxL=batch['attend_BxT'])
-  logp_BxT = jnp.take_along_axis(logp_BxTxV, tokens[..., None], axis=-1)[..., 0]
+  logp_BxT = model.token_logp(jnp.where(mask_BxT, mask_id, tokens), tokens,
+                              key_mask_BxL=batch['attend_BxT'])
   return jnp.where(mask_BxT, logp_BxT, 0.0).sum(-1) / t_B
 
 
@@ -119,8 +119,8 @@ def grpo_token_logps(model, batch, iteration, mask_id: int, prompt_mask_prob: fl
 
   prompt = batch['attend_BxT'] & ~maskable
   mask = maskable | jax.vmap(prompt_mask)(batch['row_key_Bx2'], prompt)
-  logp = model(jnp.where(mask, mask_id, tokens), key_mask_BxL=batch['attend_BxT'])
-  return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+  return model.token_logp(jnp.where(mask, mask_id, tokens), tokens,
+                          key_mask_BxL=batch['attend_BxT'])
 
 
 def diffu_grpo_loss(mask_id: int, clip_eps: float, kl_beta: float, prompt_mask_prob: float,

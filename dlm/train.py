@@ -89,9 +89,10 @@ def diffusion_objective(dcfg, mask_id: int):
   def loss_fn(model, batch, key, sample_index=0):
     del sample_index  # one Monte Carlo draw per sequence per step
     k_drop = jax.random.fold_in(key, 1)  # key itself draws the noise and the mask
-    apply = lambda xt_BxL: model(xt_BxL, key_mask_BxL=batch.get('attend'), dropout_key=k_drop)
+    logp = lambda xt_BxL, x0_BxL: model.token_logp(
+        xt_BxL, x0_BxL, key_mask_BxL=batch.get('attend'), dropout_key=k_drop)
     loss_B, ntok_B = diffusion.diffusion_loss(
-        apply, batch['tokens'], key, loss=dcfg.loss, schedule=dcfg.schedule, eps=dcfg.eps,
+        logp, batch['tokens'], key, loss=dcfg.loss, schedule=dcfg.schedule, eps=dcfg.eps,
         mask_id=mask_id, maskable_BxL=batch.get('maskable'))
     return loss_B.mean(), {'loss_sum': loss_B.sum(), 'tokens': ntok_B.sum()}
 
@@ -121,7 +122,7 @@ def pretrain_data(cfg, workdir) -> data_lib.Data:
                   d.batch_size * d.seq_len)
 
 
-RUNTIME_MODEL_KEYS = ('remat', 'dtype')  # how to run a model, not what it is
+RUNTIME_MODEL_KEYS = ('remat', 'dtype', 'head_chunk')  # how to run a model, not what it is
 
 
 def with_model(cfg, model_section: dict):

@@ -179,7 +179,7 @@ def test_monte_carlo_pipeline_is_unbiased(loss):
     exact = truncated
   B, n_batches = 4096, 32
   x0 = jnp.broadcast_to(jnp.asarray(X0), (B, L))
-  fn = jax.jit(functools.partial(diffusion.diffusion_loss, _table_apply_fn(table), loss=loss,
+  fn = jax.jit(functools.partial(diffusion.diffusion_loss, diffusion.gather_targets(_table_apply_fn(table)), loss=loss,
                                  eps=eps, mask_id=MASK_ID))
   samples = np.concatenate([np.asarray(fn(x0, jax.random.key(100 + i))[0], np.float64)
                             for i in range(n_batches)])
@@ -213,8 +213,8 @@ def test_pipeline_ignores_nan_at_unmasked_positions(loss):
   nan_fn = lambda xt: jnp.where((xt == MASK_ID)[..., None], clean_fn(xt), jnp.nan)
   x0 = jnp.broadcast_to(jnp.asarray(X0), (64, L))
   key = jax.random.key(7)
-  want, _ = diffusion.diffusion_loss(clean_fn, x0, key, loss=loss, mask_id=MASK_ID)
-  got, _ = diffusion.diffusion_loss(nan_fn, x0, key, loss=loss, mask_id=MASK_ID)
+  want, _ = diffusion.diffusion_loss(diffusion.gather_targets(clean_fn), x0, key, loss=loss, mask_id=MASK_ID)
+  got, _ = diffusion.diffusion_loss(diffusion.gather_targets(nan_fn), x0, key, loss=loss, mask_id=MASK_ID)
   assert np.isfinite(got).all()
   np.testing.assert_array_equal(got, want)
 
@@ -311,7 +311,7 @@ def test_prompt_is_never_masked(loss):
     return jnp.where(maskable[..., None], _table_apply_fn(table)(jnp.asarray(xt)), jnp.nan)
 
   x0 = jnp.broadcast_to(jnp.asarray(X0), (B, L))
-  loss_B, num_B = diffusion.diffusion_loss(apply_fn, x0, jax.random.key(5), loss=loss,
+  loss_B, num_B = diffusion.diffusion_loss(diffusion.gather_targets(apply_fn), x0, jax.random.key(5), loss=loss,
                                            mask_id=MASK_ID, maskable_BxL=maskable)
   np.testing.assert_array_equal(num_B, L - prompt_len)
   assert np.isfinite(loss_B).all()
@@ -327,11 +327,11 @@ def test_prompt_is_never_masked(loss):
 @pytest.mark.parametrize('loss,schedule', [('lambda_dce', 'loglinear'), ('t_dce', 'cosine'),
                                            ('t_dse', 'linear'), ('k_dce', 'loglinear')])
 def test_diffusion_loss_jits_and_is_deterministic(loss, schedule):
-  apply_fn = _table_apply_fn(_table())
+  logp_fn = diffusion.gather_targets(_table_apply_fn(_table()))
   fn = jax.jit(diffusion.diffusion_loss,
-               static_argnames=('apply_fn', 'loss', 'schedule', 'eps', 'mask_id'))
+               static_argnames=('logp_fn', 'loss', 'schedule', 'eps', 'mask_id'))
   x0 = jnp.broadcast_to(jnp.asarray(X0), (32, L))
-  kw = dict(apply_fn=apply_fn, loss=loss, schedule=schedule, mask_id=MASK_ID)
+  kw = dict(logp_fn=logp_fn, loss=loss, schedule=schedule, mask_id=MASK_ID)
   a, n = fn(x0_BxL=x0, key=jax.random.key(0), **kw)
   b, _ = fn(x0_BxL=x0, key=jax.random.key(0), **kw)
   c, _ = fn(x0_BxL=x0, key=jax.random.key(1), **kw)
