@@ -104,6 +104,9 @@ class Net(NamedTuple):
   encode: Callable[..., Any] | None = None
   window: Callable[..., jax.Array] | None = None
   full_softmax: bool = False
+  # rows(tokens_BxL, key_mask_BxL, start, K) -> scores_BxKxV of positions [start, start+K) only
+  # (the output head runs on those rows alone); None: slices `apply`'s output
+  rows: Callable[..., jax.Array] | None = None
 
 
 def as_net(model) -> Net:
@@ -116,7 +119,9 @@ def as_net(model) -> Net:
                lambda t, km: model.logits(t, key_mask_BxL=km),
                lambda t, km: model_lib.encode_kv(model, t, key_mask_BxL=km),
                lambda kv, t, s, km: model_lib.decode_window(model, kv, t, s, key_mask_BxL=km),
-               full_softmax=model.cfg.family == 'llada')
+               full_softmax=model.cfg.family == 'llada',
+               rows=lambda t, km, s, k: model.project(jax.lax.dynamic_slice_in_dim(
+                   model.hidden(t, key_mask_BxL=km)[0], s, k, axis=1)))
   raise TypeError(f'expected a model.Transformer or a sampling.Net, got {type(model).__name__}')
 
 
@@ -296,15 +301,18 @@ def _propose(logp_BxKxV, masked_BxK, key, cfg: SamplerConfig):
 
 
 def _guided(net: Net, cfg: SamplerConfig, prompt_BxL, key_mask_BxL):
-  """(full, encode, window) network calls returning log-probs (normalised as `net.full_softmax`
+  """(full, encode, window, block) network calls returning log-probs (normalised as `net.full_softmax`
   says), with classifier-free guidance folded in: the batch is doubled with an unconditional copy
   (prompt tokens → mask) and the scores recombined as LLaDA does, un + (s+1)(cond − un)."""
-  s, mid = cfg.cfg_scale, net.mask_id
+  s, mid, K = cfg.cfg_scale, net.mask_id, cfg.block_length
   norm = lambda scores: log_probs(scores, mid, net.full_softmax)
+  rows = net.rows or (lambda x, km, start, k: jax.lax.dynamic_slice_in_dim(
+      net.apply(x, km), start, k, axis=1))
   if s == 0:
     return (lambda x: norm(net.apply(x, key_mask_BxL)),
             lambda x: _map0(norm, net.encode(x, key_mask_BxL)),
-            lambda kv, x_BxW, start: norm(net.window(kv, x_BxW, start, key_mask_BxL)))
+            lambda kv, x_BxW, start: norm(net.window(kv, x_BxW, start, key_mask_BxL)),
+            lambda x, start: norm(rows(x, key_mask_BxL, start, K)))
   km2 = jnp.concatenate([key_mask_BxL] * 2)
 
   def dup(x_BxW, start):
@@ -320,7 +328,8 @@ def _guided(net: Net, cfg: SamplerConfig, prompt_BxL, key_mask_BxL):
 
   return (lambda x: guide(net.apply(dup(x, 0), km2)),
           lambda x: _map0(guide, net.encode(dup(x, 0), km2)),
-          lambda kv, x_BxW, start: guide(net.window(kv, dup(x_BxW, start), start, km2)))
+          lambda kv, x_BxW, start: guide(net.window(kv, dup(x_BxW, start), start, km2)),
+          lambda x, start: guide(rows(dup(x, 0), km2, start, K)))
 
 
 def _map0(f, pair):
@@ -337,7 +346,7 @@ def _blockwise(net, x_BxL, key, cfg: SamplerConfig, key_mask_BxL):
                      '(a model.Transformer)')
   if key_mask_BxL is None:
     key_mask_BxL = jnp.ones((B, L), bool)
-  full, encode, window = _guided(net, cfg, (x_BxL != mid) & key_mask_BxL, key_mask_BxL)
+  full, encode, window, block = _guided(net, cfg, (x_BxL != mid) & key_mask_BxL, key_mask_BxL)
   semi_ar = cfg.strategy == 'semi_ar'
   max_steps = cfg.steps // cfg.num_blocks if semi_ar else K  # threshold: ≥ 1 token per step
   gen0 = L - cfg.gen_length
@@ -383,8 +392,8 @@ def _blockwise(net, x_BxL, key, cfg: SamplerConfig, key_mask_BxL):
     carry = (x, jnp.int32(0), *carry[1:])
     if whole:
       body = lambda c: step(c, full(c[0]))
-    elif cfg.cache == 'none':
-      body = lambda c: step(c, block_logp(full(c[0]), start))
+    elif cfg.cache == 'none':  # the head runs on the block's rows only
+      body = lambda c: step(c, block(c[0], start))
     else:  # refresh the cache once per block; its first step uses the full forward's output
       logp, kv = encode(x)
       carry = step(carry, block_logp(logp, start))
