@@ -29,5 +29,12 @@ setup(
         'tensorboardX==2.6.5',
         'safetensors==0.8.0',
     ],
-    extras_require={'test': ['pytest==9.0.3', 'pytest-xdist==3.8.0', 'execnet==2.1.2']},
+    extras_require={
+        # libtpu: TPU ahead-of-time compilation (the dry run, dlm.dry_run) on any machine, and
+        # the TPU runtime on a TPU VM; the version jax[tpu]==0.10.2 pins (libtpu==0.0.42.*).
+        'tpu': ['libtpu==0.0.42.1'],
+        # The tests compile tiny steps for TPU slices too (tests/test_dry_run.py): libtpu is a
+        # 213 MB wheel (684 MB installed), ~6 s to install from a local mirror.
+        'test': ['pytest==9.0.3', 'pytest-xdist==3.8.0', 'execnet==2.1.2', 'libtpu==0.0.42.1'],
+    },
 )

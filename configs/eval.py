@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = 'eval'
   c.seed = 0
+  c.dry_run = ''  # dlm.dry_run compiles training steps: a value here is an error (none here)
   c.init = i = ml_collections.ConfigDict()
   i.checkpoint = ''  # the model's workdir; '' = --workdir itself
   i.step = -1  # -1 = latest

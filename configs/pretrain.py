@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = 'pretrain'
   c.seed = 0
+  c.dry_run = ''  # v5p-32, v5e-8, … or 'local': compile the step, report memory (dlm.dry_run)
 
   c.model = m = ml_collections.ConfigDict()
   m.family = 'radd'  # 'radd': LayerNorm(+bias) + GELU-tanh MLP; 'llada': RMSNorm + SwiGLU

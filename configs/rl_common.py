@@ -9,6 +9,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = 'rl'
   c.seed = 0
+  c.dry_run = ''  # v5p-32, v5e-8, … or 'local': compile the step, report memory (dlm.dry_run)
   c.model = pretrain.get_config('llada_8b').model.copy_and_resolve_references()
   c.model.unlock()
   c.model.remat = 'full'

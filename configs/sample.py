@@ -15,6 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = 'sample'
   c.seed = 0
+  c.dry_run = ''  # dlm.dry_run compiles training steps: a value here is an error (none here)
   c.checkpoint_step = -1  # -1 = latest
   c.use_ema = True  # sample with the EMA weights when the run kept them
   c.prompts = ('',)  # '' = unconditional; prompts of different lengths are left-padded

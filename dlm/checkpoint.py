@@ -25,7 +25,8 @@ ITEMS = ('params', 'ema', 'opt', 'data', 'config')
 RESUMABLE = ('train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
              'train.keep_checkpoints', 'rl.num_steps', 'rl.log_every', 'rl.eval_every',
              'rl.checkpoint_every', 'rl.keep_checkpoints', 'eval_sampler.batch_size', 'sharding',
-             'model.remat', 'model.dtype', 'model.head_chunk')  # how to run: memory, speed
+             'model.remat', 'model.dtype', 'model.head_chunk',  # how to run: memory, speed
+             'dry_run')
 
 
 def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:

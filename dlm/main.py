@@ -1,6 +1,9 @@
 """Entry point: `python -m dlm.main --config=configs/<file>.py[:preset] --workdir=W`.
 
-Re-running with the same workdir resumes from its latest checkpoint.
+Re-running with the same workdir resumes from its latest checkpoint. With
+`--config.dry_run=<slice | local>` the config's training step is compiled ahead of time for that
+TPU slice instead of run, and its per-chip memory reported (`dlm.dry_run`; exit code 3: it does
+not fit).
 """
 import importlib.util
 import os
@@ -40,12 +43,15 @@ def main(argv):
 
 
 def dispatch(cfg, workdir: str) -> int:
-  """Runs the config's mode; a user-facing problem (DlmError) is printed as one line and gives
-  exit code 1, anything else is a bug and keeps its traceback."""
-  from dlm import evaluate, generate, rl, train  # pylint: disable=g-import-not-at-top
-  run = {'pretrain': train.run, 'sft': train.run, 'sample': generate.run, 'rl': rl.run,
-         'eval': evaluate.run}[cfg.mode]
+  """Runs the config's mode, or its dry run (`dry_run` set: the exit code says whether the step
+  fits); a user-facing problem (DlmError) is printed as one line and gives exit code 1, anything
+  else is a bug and keeps its traceback."""
+  from dlm import dry_run, evaluate, generate, rl, train  # pylint: disable=g-import-not-at-top
   try:
+    if cfg.get('dry_run'):
+      return dry_run.run(cfg, workdir)
+    run = {'pretrain': train.run, 'sft': train.run, 'sample': generate.run, 'rl': rl.run,
+           'eval': evaluate.run}[cfg.mode]
     run(cfg, workdir)
   except DlmError as e:
     print(f'error: {e}', file=sys.stderr)
