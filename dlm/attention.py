@@ -13,6 +13,8 @@
 Every implementation computes softmax(q·kᵀ/√h + mask)·v with the key mask broadcast over queries,
 so they agree within float tolerance (tests/test_attention.py).
 """
+import contextlib
+import contextvars
 import logging
 
 import jax
@@ -25,6 +27,19 @@ IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash')
 _SPLASH_BLOCK = 128  # splash's tiles: lengths are padded up to a multiple of this
 _logger = logging.getLogger(__name__)
 _logged: set[str] = set()
+# The platform the program is compiled for, where it is not this process's backend (the dry run
+# compiles for TPU on any machine): see `compiling_for`.
+_target = contextvars.ContextVar('dlm_attention_target_platform', default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within the context, `resolve` picks implementations for `platform` ('tpu', 'gpu', 'cpu')."""
+  token = _target.set(platform)
+  try:
+    yield
+  finally:
+    _target.reset(token)
 
 
 def constraints(impl: str, dtype, head_dim: int, platform: str) -> str | None:
@@ -46,7 +61,7 @@ def resolve(impl: str, dtype, head_dim: int, platform: str | None = None) -> str
   the platform's fused kernel when its constraints hold, else 'xla' (logged once per reason)."""
   if impl not in IMPLEMENTATIONS:
     raise ConfigError(f'model.attention={impl!r}; valid: {IMPLEMENTATIONS}')
-  platform = platform or jax.default_backend()
+  platform = platform or _target.get() or jax.default_backend()
   if impl == 'xla':
     return impl
   if impl != 'auto':

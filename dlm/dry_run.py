@@ -48,6 +48,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from dlm import attention
 from dlm import model as model_lib
 from dlm import sharding
 from dlm import trainer as trainer_lib
@@ -299,7 +300,8 @@ def run(cfg, workdir: str) -> int:
   t0 = time.time()
   refused = None
   try:
-    compiled = step.lower(state, batch).compile()
+    with attention.compiling_for(tgt.platform):  # e.g. splash attention on TPU
+      compiled = step.lower(state, batch).compile()
   except Exception as e:  # pylint: disable=broad-except
     refused = parse_refusal(str(e))
     if refused is None:

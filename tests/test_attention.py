@@ -43,3 +43,10 @@ def test_auto_picks_the_fused_kernel_only_where_it_can_run(caplog):
     attention.resolve('cudnn', bf16, 64, 'cpu')
   with pytest.raises(ConfigError, match='valid'):
     attention.resolve('flash', bf16, 64, 'cpu')
+
+
+def test_compiling_for_another_platform():
+  """The dry run compiles for TPU on a CPU machine: resolve follows the target platform."""
+  with attention.compiling_for('tpu'):
+    assert attention.resolve('auto', jnp.bfloat16, 128) == 'splash'
+  assert attention.resolve('auto', jnp.bfloat16, 128) == 'xla'  # this process: CPU
