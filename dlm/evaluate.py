@@ -19,6 +19,7 @@ from dlm import generate
 from dlm import metrics as metrics_lib
 from dlm import sampling
 from dlm import sft
+from dlm import sharding
 from dlm import task_tokens
 from dlm import workdir as workdir_lib
 from dlm.errors import ConfigError, DataError
@@ -28,14 +29,24 @@ KINDS = ('task', 'ppl')
 _Z95 = 1.959963984540054
 
 
-def rollout(graphdef, params, enc, problems, key, scfg: sampling.SamplerConfig):
+def rollout(graphdef, params, enc, problems, key, scfg: sampling.SamplerConfig,
+            rules=sharding.DEFAULT_RULES):
   """(tokens_BxT, attend_BxT): each problem's prompt followed by a sampled response.
 
-  A response position still holding the mask id (LLaDA's `generate`, which semi_ar follows for
-  LLaDA models, can pick the mask token itself) becomes EOS: the response ends there for the
-  reward and for the RL loss alike, whose support excludes the mask token."""
+  On the parameters' mesh the rows are data-parallel (prompts placed sharded by batch, when the
+  data-parallel axes divide them). A response position still holding the mask id (LLaDA's
+  `generate`, which semi_ar follows for LLaDA models, can pick the mask token itself) becomes
+  EOS: the response ends there for the reward and for the RL loss alike, whose support excludes
+  the mask token."""
   ids, mask = enc.prompts(problems)
-  tokens, _ = sampling.sample_params(graphdef, params, ids, mask, key, cfg=scfg)
+  mesh, rules = sharding.mesh_of(params), sharding.hashable_rules(rules)
+  if mesh is not None and mesh.size == 1:
+    mesh = None
+  prompts = (ids, mask)
+  if mesh is not None and len(ids) % sharding.data_parallel_size(mesh, rules) == 0:
+    prompts = sharding.put_global(prompts, sharding.batch_shardings(prompts, mesh, rules))
+  tokens, _ = sampling.sample_params(graphdef, params, *prompts, key, cfg=scfg, mesh=mesh,
+                                     rules=rules)
   tokens = np.array(tokens)  # a writable host copy
   response = tokens[:, enc.P:]
   response[response == enc.tok.mask_id] = enc.tok.eos_id

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dlm import sharding
 from dlm.errors import ConfigError
 
 FAMILIES = ('radd', 'llada')
@@ -22,6 +23,12 @@ REMAT_POLICIES = {
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# Logical axes of activations (dlm.sharding's rules map them onto the mesh; constraints act
+# only inside `sharding.activation_sharding`, i.e. in the jitted steps and samplers).
+ACT_BxLxD = ('activation_batch', 'activation_length', 'activation_embed')
+ACT_BxLxNxH = ('activation_batch', 'activation_length', 'activation_heads', None)
+ACT_BxLxV = ('activation_batch', 'activation_length', 'activation_vocab')
+ACT_BxL = ('activation_batch', 'activation_length')
 
 nnx.use_eager_sharding(False)  # shardings are applied explicitly by dlm.sharding
 
@@ -289,7 +296,10 @@ class Transformer(nnx.Module):
     """(final-normed hidden states [B, W, d_model], per-layer (k, v) or None): `forward`
     before the output head."""
     cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
-    x = self.embed[...].astype(dt)[tokens_BxW]
+    # The lookup reads the table gathered over fsdp, still split over the vocabulary.
+    table = sharding.constrain(self.embed[...].astype(dt),
+                               ('activation_vocab', 'activation_embed'))
+    x = sharding.constrain(table[tokens_BxW], ACT_BxLxD)
     train = dropout_key is not None and cfg.dropout > 0
     keys = (jax.random.split(dropout_key, cfg.n_layers) if train
             else jnp.zeros((cfg.n_layers, 2), jnp.uint32))
@@ -297,8 +307,12 @@ class Transformer(nnx.Module):
 
     def layer(x, inputs):
       params, key, kv_l = inputs
+      x = sharding.constrain(x, ACT_BxLxD)
       x, new_kv = nnx.merge(gdef, params)(x, key_mask_BxL, key if train else None, start, kv_l)
-      return x, (new_kv if return_kv else None)
+      x = sharding.constrain(x, ACT_BxLxD)
+      if not return_kv:
+        return x, None
+      return x, tuple(sharding.constrain(a, ACT_BxLxNxH) for a in new_kv)
 
     if cfg.remat != 'none':
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -333,7 +347,7 @@ class Transformer(nnx.Module):
     h_NxBxCxD = pad(h_BxLxD).reshape(B, n, C, D).swapaxes(0, 1)
     t_NxBxC = pad(targets_BxL).reshape(B, n, C).swapaxes(0, 1)
     logp_NxBxC = jax.lax.map(lambda a: jax.checkpoint(chunk_logp)(*a), (h_NxBxCxD, t_NxBxC))
-    return logp_NxBxC.swapaxes(0, 1).reshape(B, n * C)[:, :L]
+    return sharding.constrain(logp_NxBxC.swapaxes(0, 1).reshape(B, n * C)[:, :L], ACT_BxL)
 
 
 def _project(head_DxV, bias_V, h_BxCxD, dt):
@@ -341,6 +355,7 @@ def _project(head_DxV, bias_V, h_BxCxD, dt):
   (logits rounded to bf16 would quantise every NLL by ~0.1 nats)."""
   logits = _tokens_first(lambda h: jnp.matmul(h.astype(dt), head_DxV.astype(dt),
                                               preferred_element_type=jnp.float32), h_BxCxD)
+  logits = sharding.constrain(logits, ACT_BxLxV)
   return logits if bias_V is None else logits + bias_V.astype(jnp.float32)
 
 

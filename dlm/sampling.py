@@ -30,6 +30,7 @@ from flax import nnx
 
 from dlm import diffusion
 from dlm import model as model_lib
+from dlm import sharding
 from dlm.errors import ConfigError
 
 STRATEGIES = ('radd', 'semi_ar', 'threshold')
@@ -448,7 +449,15 @@ def sample(net, prompt_BxP, prompt_mask_BxP, key, cfg: SamplerConfig):
   return SAMPLERS[cfg.strategy](net, x, key, cfg, km)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg'))
-def sample_params(graphdef, params, prompt_BxP, prompt_mask_BxP, key, *, cfg: SamplerConfig):
-  """`sample` for a split model (graphdef, params): compiled once per (shapes, cfg, graphdef)."""
-  return sample(nnx.merge(graphdef, params), prompt_BxP, prompt_mask_BxP, key, cfg)
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mesh', 'rules'))
+def sample_params(graphdef, params, prompt_BxP, prompt_mask_BxP, key, *, cfg: SamplerConfig,
+                  mesh=None, rules=sharding.DEFAULT_RULES):
+  """`sample` for a split model (graphdef, params): compiled once per (shapes, cfg, graphdef,
+  mesh). With a mesh (the parameters' own, `sharding.mesh_of(params)`) the rows are
+  data-parallel: prompts and every activation are sharded by batch over the rules'
+  data-parallel axes (`rules`: a hashable tuple of (name, axes) pairs) and the outputs come
+  back replicated, so every process can read them."""
+  with sharding.activation_sharding(mesh, rules):
+    rows = lambda a: sharding.constrain(a, ('activation_batch',) + (None,) * (a.ndim - 1))
+    out = sample(nnx.merge(graphdef, params), rows(prompt_BxP), rows(prompt_mask_BxP), key, cfg)
+    return jax.tree.map(lambda a: sharding.constrain(a, ()), out)  # replicated

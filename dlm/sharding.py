@@ -1,5 +1,12 @@
-"""One mesh ('data', 'fsdp', 'tensor') from config; logical axis names → PartitionSpecs."""
+"""One mesh ('data', 'fsdp', 'tensor') from config; logical axis names → PartitionSpecs.
+
+One rules table maps the logical axes of parameters (`out_sharding` metadata) and of activations
+(`activation_*`, constrained inside the model while an `activation_sharding(mesh, rules)`
+context is active at trace time) onto the mesh.
+"""
+import contextlib
 import math
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -19,6 +26,13 @@ DEFAULT_RULES = (
     ('mlp', 'tensor'),
     ('layers', None),
     ('norm', None),
+    # Activations: rows over every data-parallel shard (FSDP included: each device computes its
+    # own rows, with the weights gathered), the residual stream replicated over 'tensor'.
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_vocab', 'tensor'),
 )
 
 
@@ -47,29 +61,92 @@ def make_mesh(sharding_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh
                        devices=devices)
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules, mesh: Mesh) -> P:
-  """Map logical axis names to mesh axes; a dim the mesh axes do not divide stays replicated."""
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules, mesh: Mesh,
+                    what: str | None = None) -> P:
+  """Map logical axis names to mesh axes. A dim the mesh axes do not divide stays replicated
+  for an activation (what=None: e.g. a sampler's single row); for a parameter (`what` names it)
+  it is a ConfigError, never a silently replicated weight and its optimizer moments."""
   table = dict(rules)
   used: set[str] = set()
   spec = []
-  for name, size in zip(names, shape):
+  for i, (name, size) in enumerate(zip(names, shape)):
     axes = table.get(name) if name is not None else None
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+    n = math.prod(mesh.shape[a] for a in axes)
+    if axes and size % n == 0:
       used.update(axes)
       spec.append(axes[0] if len(axes) == 1 else axes)
+    elif axes and what is not None:
+      over = ' × '.join(f'{a}={mesh.shape[a]}' for a in axes)
+      hint = ('; or pad the rows, as LLaDA pads 126349 tokens to 126464 rows: '
+              'model.num_embeddings=<a multiple of 128> with model.mask_id=<the tokenizer\'s>'
+              if name == 'vocab' else '')
+      raise ConfigError(
+          f'parameter {what} {tuple(shape)}: dim {i} ({name!r}, size {size}) does not split '
+          f'over mesh axis {over} (size {n}); choose sharding sizes that divide it{hint}')
     else:
       spec.append(None)
   return P(*spec)
 
 
 def param_shardings(abstract_state: Any, rules, mesh: Mesh) -> Any:
-  """NamedShardings for an nnx.State whose Variables carry `out_sharding` logical names."""
-  def one(v):
+  """NamedShardings for an nnx.State whose Variables carry `out_sharding` logical names.
+  Raises ConfigError for a parameter dim that its mesh axes do not divide."""
+  def one(path, v):
     names = v.get_metadata().get('out_sharding') or (None,) * len(v.shape)
-    return NamedSharding(mesh, logical_to_spec(names, v.shape, rules, mesh))
-  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    what = '.'.join(str(getattr(k, 'key', k)) for k in path)
+    return NamedSharding(mesh, logical_to_spec(names, v.shape, rules, mesh, what=what))
+  return jax.tree.map_with_path(one, abstract_state,
+                                is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ------------------------------------------------------------------------------------------------
+# Activation sharding: the model calls `constrain` at its boundaries; it acts only while a
+# context is active (entered inside the jitted function, so it is on at trace time). Mesh-less
+# code (unit tests, conversion, a bare model call) sees no constraint at all.
+
+_active = threading.local()
+
+
+def _table(rules) -> dict:
+  """The rules as a dict; activation names they lack take DEFAULT_RULES' mapping (a run's saved
+  rules may predate them)."""
+  table = {k: v for k, v in DEFAULT_RULES if k.startswith('activation_')}
+  table.update({r[0]: r[1] for r in rules})
+  return table
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules=DEFAULT_RULES):
+  """Within: `constrain` pins activations to `mesh` by the logical axes of `rules`.
+  mesh=None (or a one-device mesh) turns constraints off."""
+  prev = getattr(_active, 'ctx', None)
+  _active.ctx = None if mesh is None or mesh.size == 1 else (mesh, _table(rules))
+  try:
+    yield
+  finally:
+    _active.ctx = prev
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint of x by logical axis names under the active context (no-op
+  without one). A dim its mesh axes do not divide is replicated (e.g. a sampler's single row)."""
+  ctx = getattr(_active, 'ctx', None)
+  if ctx is None:
+    return x
+  mesh, table = ctx
+  spec = logical_to_spec(names, x.shape, table.items(), mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+  """The mesh the arrays of a pytree are laid out on (the first NamedSharding's), or None."""
+  for x in jax.tree.leaves(tree):
+    s = getattr(x, 'sharding', None)
+    if isinstance(s, NamedSharding):
+      return s.mesh
+  return None
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
@@ -100,6 +177,21 @@ def check_batch(rows: int, mesh: Mesh, rules, microbatches: int, what: str) -> N
   if rows % (dp * microbatches):
     raise ConfigError(f'{what} = {rows} rows must split into train.microbatches={microbatches} '
                      f'× {dp} data-parallel shards')
+
+
+def hashable_rules(rules) -> tuple:
+  """The rules as nested tuples (a jit static argument); configs and saved JSON give lists."""
+  axes = lambda a: a if a is None or isinstance(a, str) else tuple(a)
+  return tuple((str(r[0]), axes(r[1])) for r in rules)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Host arrays that every process holds in full (e.g. RL rollouts, whose rewards every
+  process computes) as global jax.Arrays laid out by `shardings`; each device gets its slice."""
+  def one(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(one, tree, shardings)
 
 
 def global_batch(local: Any, shardings: Any) -> Any:

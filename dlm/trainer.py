@@ -2,9 +2,9 @@
 
 Pure functional core: the model is split once into (graphdef, params); a jitted
 `step(state, batch) -> (state, metrics)` with explicit shardings and donated state does
-micro-batched gradient accumulation (`lax.scan`), AdamW with warm-up and global-norm clipping,
-and the EMA of SPEC §3. Randomness is `fold_in(base_key, step)`, so a resumed run replays
-exactly the keys of an uninterrupted one.
+micro-batched gradient accumulation (`lax.scan`; activations sharded by batch over data × fsdp),
+AdamW with warm-up and global-norm clipping, and the EMA of SPEC §3. Randomness is
+`fold_in(base_key, step)`, so a resumed run replays exactly the keys of an uninterrupted one.
 """
 from typing import Any, Callable
 
@@ -124,6 +124,11 @@ class Trainer:
   def model(self, params) -> nnx.Module:
     return nnx.merge(self.graphdef, params)
 
+  def activations(self):
+    """Context that shards the model's activations over this mesh by the rules (rows over
+    data × fsdp); enter it inside a jitted function so it is on while the model is traced."""
+    return sharding.activation_sharding(self.mesh, self.rules)
+
   def accumulated_grads(self, loss_fn: LossFn, batch_shardings: Any, num_samples: int = 1):
     """`grads(params, batch, key) -> (grads, objective, sums)`: the mean over micro-batches ×
     Monte Carlo samples of ∇loss_fn, accumulated by nested `lax.scan`s. One (micro-batch,
@@ -141,6 +146,10 @@ class Trainer:
       return jax.tree.map(jnp.add, a, b)
 
     def grads(params, batch, key):
+      with self.activations():
+        return _grads(params, batch, key)
+
+    def _grads(params, batch, key):
       micro = jax.tree.map(split_micro, batch)
 
       def per_micro(carry, xs):
