@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.log_every = 100
   t.eval_every = 5000
   t.checkpoint_every = 10000
+  t.checkpoint_minutes = 30.0  # also save when this long has passed since the last save (0 = off)
   t.keep_checkpoints = 3
 
   c.sharding = s = ml_collections.ConfigDict()

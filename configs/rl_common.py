@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   r.log_every = 1
   r.eval_every = 50
   r.checkpoint_every = 10
+  r.checkpoint_minutes = 30.0  # also save when this long has passed since the last save (0 = off)
   r.keep_checkpoints = 3
 
   # The optimizer of the RL updates.

@@ -23,8 +23,9 @@ ITEMS = ('params', 'ema', 'opt', 'data', 'config')
 # Keys that may change between a run and its resumption: run length, cadences and the mesh
 # (a checkpoint restores onto any mesh). Any other difference changes shapes or results.
 RESUMABLE = ('train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
-             'train.keep_checkpoints', 'rl.num_steps', 'rl.log_every', 'rl.eval_every',
-             'rl.checkpoint_every', 'rl.keep_checkpoints', 'eval_sampler.batch_size', 'sharding',
+             'train.checkpoint_minutes', 'train.keep_checkpoints', 'rl.num_steps',
+             'rl.log_every', 'rl.eval_every', 'rl.checkpoint_every', 'rl.checkpoint_minutes',
+             'rl.keep_checkpoints', 'eval_sampler.batch_size', 'sharding',
              'model.remat', 'model.dtype', 'model.head_chunk',  # how to run: memory, speed
              'dry_run')
 

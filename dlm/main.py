@@ -45,8 +45,9 @@ def main(argv):
 def dispatch(cfg, workdir: str) -> int:
   """Runs the config's mode, or its dry run (`dry_run` set: the exit code says whether the step
   fits); a user-facing problem (DlmError) is printed as one line and gives exit code 1, anything
-  else is a bug and keeps its traceback."""
-  from dlm import dry_run, evaluate, generate, rl, train  # pylint: disable=g-import-not-at-top
+  else is a bug and keeps its traceback. A run stopped by SIGTERM / SIGINT after checkpointing
+  gives 0."""
+  from dlm import dry_run, evaluate, generate, preemption, rl, train  # pylint: disable=g-import-not-at-top
   try:
     if cfg.get('dry_run'):
       return dry_run.run(cfg, workdir)
@@ -56,6 +57,8 @@ def dispatch(cfg, workdir: str) -> int:
   except DlmError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
+  except preemption.Stopped as e:  # SIGTERM / SIGINT: the last step is checkpointed
+    print(e, flush=True)
   return 0
 
 

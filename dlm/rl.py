@@ -26,6 +26,7 @@ from dlm import data as data_lib
 from dlm import evaluate
 from dlm import metrics as metrics_lib
 from dlm import plots
+from dlm import preemption
 from dlm import rl_objectives as rlo
 from dlm import sampling
 from dlm import sft
@@ -77,7 +78,8 @@ def sft_config(cfg, workdir) -> ml_collections.ConfigDict:
   c.train = {**cfg.train.to_dict(), 'lr': w.lr, 'warmup_steps': w.warmup_steps,
              'ema_max_decay': 0.0, 'microbatches': 1, 'num_steps': w.steps,
              'log_every': w.log_every, 'eval_every': max(w.steps, 1),
-             'checkpoint_every': w.checkpoint_every, 'keep_checkpoints': 2}
+             'checkpoint_every': w.checkpoint_every,
+             'checkpoint_minutes': cfg.rl.checkpoint_minutes, 'keep_checkpoints': 2}
   c.sft = {'response_length': cfg.sampler.gen_length, 'vocab_size': w.vocab_size,
            'demo_error': w.demo_error, 'problem_fraction': w.problem_fraction,
            'disjoint': w.disjoint}
@@ -122,7 +124,7 @@ class Learner:
                                   if r.objective != 'diffu_grpo' else self.responses)
     self.shard = sharding.batch_shardings(example, trainer.mesh, cfg.sharding.rules)
     self.step = trainer.compile_step(loss, self.shard, n)
-    self.old_terms = jax.jit(self._old_terms)
+    self.old_terms = jax.jit(self._old_terms, out_shardings=sharding.replicated(trainer.mesh))
 
   def batch_template(self, b):
     T, r = self.enc.P + self.enc.R, self.cfg.rl
@@ -148,8 +150,18 @@ class Learner:
             'attend_BxT': np.asarray(attend_BxT), 'adv_B': np.asarray(adv_B, np.float32),
             'row_key_Bx2': np.asarray(keys)}
 
+  def place(self, batch) -> dict:
+    """Rows every process holds (the host batch) as global arrays sharded by batch over the
+    data-parallel axes: each device holds, and computes on, its own rows."""
+    return sharding.put_global(batch, sharding.batch_shardings(batch, self.trainer.mesh,
+                                                               self.cfg.sharding.rules))
+
   def _old_terms(self, params, batch):
     """ℓ_old per (response, sample) — or per-token log p for diffu_grpo — before any update."""
+    with self.trainer.activations():
+      return self._old_terms_traced(params, batch)
+
+  def _old_terms_traced(self, params, batch):
     model = self.trainer.model(params)
     r, mask_id = self.cfg.rl, self.trainer.mcfg.mask_id
     if r.objective == 'diffu_grpo':
@@ -162,11 +174,12 @@ class Learner:
   def update(self, state, batch, ref_params):
     """All optimizer updates of one rollout batch; returns (state, metrics of the last)."""
     r = self.cfg.rl
+    rows = self.place(batch) if self.off_policy or r.kl_beta > 0 else None
     if r.objective == 'diffu_grpo':
       if self.off_policy:
-        batch['logp_old_KxBxT'] = np.asarray(self.old_terms(state.params, batch))
+        batch['logp_old_KxBxT'] = np.asarray(self.old_terms(state.params, rows))
       if r.kl_beta > 0:
-        batch['logp_ref_KxBxT'] = np.asarray(self.old_terms(ref_params, batch))
+        batch['logp_ref_KxBxT'] = np.asarray(self.old_terms(ref_params, rows))
       for k in range(r.inner_updates):
         b = {n: v for n, v in batch.items() if not n.endswith('KxBxT')}
         b['iteration'] = np.full((self.responses,), k, np.int32)
@@ -174,14 +187,13 @@ class Learner:
           b['logp_old_BxT'] = batch['logp_old_KxBxT'][k]
         if r.kl_beta > 0:
           b['logp_ref_BxT'] = batch['logp_ref_KxBxT'][k]
-        state, m = self.step(state, b)
+        state, m = self.step(state, self.place(b))
       return state, m
     if not self.off_policy:
-      return self.step(state, batch)
-    batch['ell_old_BxN'] = np.asarray(self.old_terms(state.params, batch))
-    rows = np.arange(self.responses).reshape(r.num_minibatches, -1)
-    for mb in rows:
-      state, m = self.step(state, jax.tree.map(lambda x: x[mb], batch))
+      return self.step(state, self.place(batch))
+    batch['ell_old_BxN'] = np.asarray(self.old_terms(state.params, rows))
+    for mb in np.arange(self.responses).reshape(r.num_minibatches, -1):
+      state, m = self.step(state, self.place(jax.tree.map(lambda x: x[mb], batch)))
     return state, m
 
 
@@ -261,39 +273,48 @@ def run(cfg, workdir: str, devices=None) -> dict:
     evaluate_at(0, state.params)
   base = jax.random.key(cfg.seed + 2)
   last = {}
-  for s in range(start + 1, r.num_steps + 1):
-    key = jax.random.fold_in(base, s)
-    k_roll, k_rows = jax.random.split(key)
-    problems = [train[i] for i in rows[next(it)] for _ in range(r.group_size)]
-    t0 = time.perf_counter()
-    tokens, attend = evaluate.rollout(trainer.graphdef, state.params, enc, problems, k_roll,
-                                      learner.rollout_cfg)
-    rewards, errors = evaluate.rewards(task, enc, tokens, problems)
-    t1 = time.perf_counter()
-    adv = rlo.group_advantages(rewards.reshape(r.num_prompts, r.group_size),
-                               scale=r.objective != 'diffu_grpo').reshape(-1)
-    batch = learner.batch(tokens, attend, adv, k_rows)
-    state, m = learner.update(state, batch, ref_params)
-    m = jax.device_get(m)
-    t2 = time.perf_counter()
-    if not np.isfinite(m['objective']) or not np.isfinite(m['grad_norm']):
-      raise NonFiniteLossError(f'non-finite RL objective at step {s}; the run stopped without '
-                               f'saving. Last good checkpoint: {ckpt.latest_step()}')
-    last = {'rl/reward_mean': float(rewards.mean()), 'rl/accuracy': float((rewards == 1).mean()),
-            'rl/reward_errors': float(errors), 'rl/objective': float(m['objective']),
-            'rl/grad_norm': float(m['grad_norm']), 'rl/rollout_seconds': t1 - t0,
-            'rl/update_seconds': t2 - t1}
-    if s % r.log_every == 0 or s == r.num_steps:
-      writer.write(s, last)
-      log(f'step {s}/{r.num_steps} | reward {last["rl/reward_mean"]:.3f} | '
-          f'acc {last["rl/accuracy"]:.3f} | rollout {t1 - t0:.2f}s | update {t2 - t1:.2f}s')
-    if s % r.eval_every == 0 or s == r.num_steps:
-      last['eval/accuracy'] = evaluate_at(s, state.params)
-    if s % r.checkpoint_every == 0 or s == r.num_steps:
-      ckpt.save(s, trainer.to_items(state), data_lib.all_iterator_states(it), cfg.to_dict())
+  stop = False
+  with preemption.Stopper(r.checkpoint_minutes) as stopper:
+    for s in range(start + 1, r.num_steps + 1):
+      key = jax.random.fold_in(base, s)
+      k_roll, k_rows = jax.random.split(key)
+      problems = [train[i] for i in rows[next(it)] for _ in range(r.group_size)]
+      t0 = time.perf_counter()
+      tokens, attend = evaluate.rollout(trainer.graphdef, state.params, enc, problems, k_roll,
+                                        learner.rollout_cfg, cfg.sharding.rules)
+      rewards, errors = evaluate.rewards(task, enc, tokens, problems)
+      t1 = time.perf_counter()
+      adv = rlo.group_advantages(rewards.reshape(r.num_prompts, r.group_size),
+                                 scale=r.objective != 'diffu_grpo').reshape(-1)
+      batch = learner.batch(tokens, attend, adv, k_rows)
+      state, m = learner.update(state, batch, ref_params)
+      m = jax.device_get(m)
+      t2 = time.perf_counter()
+      if not np.isfinite(m['objective']) or not np.isfinite(m['grad_norm']):
+        raise NonFiniteLossError(f'non-finite RL objective at step {s}; the run stopped without '
+                                 f'saving. Last good checkpoint: {ckpt.latest_step()}')
+      last = {'rl/reward_mean': float(rewards.mean()), 'rl/accuracy': float((rewards == 1).mean()),
+              'rl/reward_errors': float(errors), 'rl/objective': float(m['objective']),
+              'rl/grad_norm': float(m['grad_norm']), 'rl/rollout_seconds': t1 - t0,
+              'rl/update_seconds': t2 - t1}
+      if s % r.log_every == 0 or s == r.num_steps:
+        writer.write(s, last)
+        log(f'step {s}/{r.num_steps} | reward {last["rl/reward_mean"]:.3f} | '
+            f'acc {last["rl/accuracy"]:.3f} | rollout {t1 - t0:.2f}s | update {t2 - t1:.2f}s')
+      if s % r.eval_every == 0 or s == r.num_steps:
+        last['eval/accuracy'] = evaluate_at(s, state.params)
+      stop, due = stopper.poll()  # a signal (preemption) or the clock: save this step
+      if stop or due or s % r.checkpoint_every == 0 or s == r.num_steps:
+        ckpt.save(s, trainer.to_items(state), data_lib.all_iterator_states(it), cfg.to_dict())
+        stopper.saved()
+      if stop:
+        break
   ckpt.wait()
   ckpt.close()
   writer.close()
   if jax.process_index() == 0:
     log(f'plots: {plots.rl_curves(workdir)}')
+  if stop:
+    raise preemption.Stopped(f'RL: stopped by {stopper.name} after step {s}; checkpoint {s} '
+                             f'written to {ckpt.directory}. Run the same command to resume.')
   return last

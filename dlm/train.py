@@ -17,6 +17,7 @@ from dlm import checkpoint as ckpt_lib
 from dlm import data as data_lib
 from dlm import diffusion
 from dlm import metrics as metrics_lib
+from dlm import preemption
 from dlm import sft
 from dlm import sharding
 from dlm import trainer as trainer_lib
@@ -104,7 +105,8 @@ def make_eval_step(trainer, dcfg, batch_shard):
   loss_fn = diffusion_objective(dcfg, trainer.mcfg.mask_id)
 
   def step(params, batch, key):
-    _, sums = loss_fn(trainer.model(params), batch, key)
+    with trainer.activations():
+      _, sums = loss_fn(trainer.model(params), batch, key)
     return sums
 
   return jax.jit(step, in_shardings=(trainer.param_shardings, batch_shard, None),
@@ -215,31 +217,40 @@ def run(cfg, workdir: str, devices=None) -> dict:
       log(f'{cfg.mode} step {s}/{t.num_steps} | loss {loss:.4f} | {tps:,.0f} tok/s'
           + (f' | MFU {util:.1%}' if util is not None else ''))
 
-  for s in range(start + 1, t.num_steps + 1):
-    local = data.to_batch(next(data.iterator))
-    if step_fn is None:  # shardings follow the batch's keys and ranks
-      batch_shard = sharding.batch_shardings(local, trainer.mesh, trainer.rules)
-      step_fn = trainer.compile_step(diffusion_objective(cfg.diffusion, trainer.mcfg.mask_id),
-                                     batch_shard)
-      eval_fn = make_eval_step(trainer, cfg.diffusion, batch_shard)
-    state, m = step_fn(state, sharding.global_batch(local, batch_shard))
-    drain()
-    pending = (s, m)
-    if s % t.eval_every == 0 or s == t.num_steps:
+  stop = False
+  with preemption.Stopper(t.checkpoint_minutes) as stopper:
+    for s in range(start + 1, t.num_steps + 1):
+      local = data.to_batch(next(data.iterator))
+      if step_fn is None:  # shardings follow the batch's keys and ranks
+        batch_shard = sharding.batch_shardings(local, trainer.mesh, trainer.rules)
+        step_fn = trainer.compile_step(diffusion_objective(cfg.diffusion, trainer.mcfg.mask_id),
+                                       batch_shard)
+        eval_fn = make_eval_step(trainer, cfg.diffusion, batch_shard)
+      state, m = step_fn(state, sharding.global_batch(local, batch_shard))
       drain()
-      params = state.ema if trainer.use_ema else state.params
-      sums = [eval_fn(params, sharding.global_batch(b, batch_shard),
-                      jax.random.fold_in(jax.random.wrap_key_data(eval_key), i))
-              for i, b in enumerate(data.eval_batches)]
-      ev = float(sum(x['loss_sum'] for x in sums) / sum(x['tokens'] for x in sums))
-      writer.write(s, {'eval/loss': ev})
-      log(f'{cfg.mode} step {s} | eval loss {ev:.4f}')
-    if s % t.checkpoint_every == 0 or s == t.num_steps:
-      drain()  # never write a checkpoint whose step produced a non-finite loss
-      ckpt.save(s, trainer.to_items(state), data_lib.all_iterator_states(data.iterator),
-                cfg.to_dict())
+      pending = (s, m)
+      if s % t.eval_every == 0 or s == t.num_steps:
+        drain()
+        params = state.ema if trainer.use_ema else state.params
+        sums = [eval_fn(params, sharding.global_batch(b, batch_shard),
+                        jax.random.fold_in(jax.random.wrap_key_data(eval_key), i))
+                for i, b in enumerate(data.eval_batches)]
+        ev = float(sum(x['loss_sum'] for x in sums) / sum(x['tokens'] for x in sums))
+        writer.write(s, {'eval/loss': ev})
+        log(f'{cfg.mode} step {s} | eval loss {ev:.4f}')
+      stop, due = stopper.poll()  # a signal (preemption) or the clock: save this step
+      if stop or due or s % t.checkpoint_every == 0 or s == t.num_steps:
+        drain()  # never write a checkpoint whose step produced a non-finite loss
+        ckpt.save(s, trainer.to_items(state), data_lib.all_iterator_states(data.iterator),
+                  cfg.to_dict())
+        stopper.saved()
+      if stop:
+        break
   drain()
   ckpt.wait()
   ckpt.close()
   writer.close()
+  if stop:
+    raise preemption.Stopped(f'{cfg.mode}: stopped by {stopper.name} after step {s}; checkpoint '
+                             f'{s} written to {ckpt.directory}. Run the same command to resume.')
   return last

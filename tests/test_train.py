@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny(num_steps, checkpoint_every=4, **sharding):
   c = pretrain.get_config('tiny')
   c.data.builtin_documents = 400
+  c.data.vocab_size = 255  # 256 rows with the mask: the tensor=2 meshes below must divide them
   c.train.update(num_steps=num_steps, log_every=1, eval_every=1000,
                  checkpoint_every=checkpoint_every)
   c.sharding.update(sharding)
@@ -222,3 +223,45 @@ def test_mfu_is_model_flops_over_the_chips_peak(monkeypatch):
   assert metrics_lib.mfu(1000.0, want, 4) == pytest.approx(1000.0 * want / 8e12)
   monkeypatch.setattr(metrics_lib, 'peak_flops_per_device', lambda: None)  # CPU: not logged
   assert metrics_lib.mfu(1000.0, want, 4) is None
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_the_rerun_continues(straight, tmp_path):
+  """A preempted VM gets SIGTERM: the run finishes the step in flight, checkpoints it, exits 0,
+  and the same command resumes there, reproducing the uninterrupted run's losses."""
+  import json
+  import signal
+  import time
+  cmd = [sys.executable, '-m', 'dlm.main', '--config=configs/pretrain.py:tiny',
+         f'--workdir={tmp_path}', '--config.data.builtin_documents=400',
+         '--config.data.vocab_size=255', '--config.train.num_steps=8', '--config.train.log_every=1',
+         '--config.train.eval_every=1000', '--config.train.checkpoint_every=4']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = tmp_path / 'metrics.jsonl'
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:  # until step 1 is logged
+    if metrics.exists() and any(json.loads(l)['step'] >= 1 for l in metrics.read_text().split('\n')
+                                if l.strip()):
+      break
+    time.sleep(0.01)
+  assert proc.poll() is None, 'the run finished before the signal'
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=240)
+  assert proc.returncode == 0, err[-2000:]
+  stopped = ckpt_lib.Checkpointer(str(tmp_path), read_only=True).latest_step()
+  assert f'stopped by SIGTERM after step {stopped};' in out and 1 <= stopped < 8
+  assert max(losses(tmp_path)) == stopped  # every step up to the checkpoint is logged
+  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f'resumed from step {stopped}' in done.stdout
+  assert losses(tmp_path) == straight
+
+
+def test_checkpoints_by_the_clock(tmp_path):
+  """train.checkpoint_minutes saves whenever that long has passed since the last save, between
+  the step cadence's checkpoints (here: at every step)."""
+  c = tiny(3, checkpoint_every=100)
+  c.train.checkpoint_minutes = 1e-9
+  train.run(c, str(tmp_path))
+  assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [1, 2, 3]
