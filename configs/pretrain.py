@@ -46,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'
   m.dtype = 'auto'  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
   m.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs) | 'dots_no_batch'
+  m.attention = 'auto'  # 'auto' (cuDNN on GPU, splash on TPU, else XLA) | 'xla' | 'cudnn' | 'splash'
+  m.head_chunk = 128  # output-head positions per chunk in the losses (0 = all at once)
 
   c.diffusion = d = ml_collections.ConfigDict()
   d.loss = 'lambda_dce'  # 'lambda_dce' | 't_dce' | 't_dse' | 'k_dce'

@@ -15,12 +15,15 @@ so they agree within float tolerance (tests/test_attention.py).
 """
 import contextlib
 import contextvars
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from dlm import sharding
 from dlm.errors import ConfigError
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash')
@@ -114,14 +117,29 @@ def _splash_kernel(heads: int, T: int, S: int, interpret: bool):
 
 
 def _splash(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, key_mask_BxS, interpret: bool):
+  """Splash attention; under an activation-sharding context (`dlm.sharding`) it runs per shard
+  (`jax.shard_map`: rows over the data-parallel axes, heads over `tensor`), since XLA cannot
+  partition the Pallas kernel itself."""
+  B, S = k_BxSxNxH.shape[:2]
+  if key_mask_BxS is None:
+    key_mask_BxS = jnp.ones((B, S), bool)
+  names = ('activation_batch', None, 'activation_heads', None)
+  active = sharding.active_spec(names, q_BxTxNxH.shape)
+  if active is None:
+    return _splash_local(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, key_mask_BxS, interpret)
+  mesh, spec = active
+  mask_spec = P(spec[0], None)
+  return jax.shard_map(functools.partial(_splash_local, interpret=interpret), mesh=mesh,
+                       in_specs=(spec, spec, spec, mask_spec), out_specs=spec,
+                       check_vma=False)(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, key_mask_BxS)
+
+
+def _splash_local(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, key_mask_BxS, interpret: bool):
   """Splash attention per example (vmapped): queries scaled by 1/√h (the kernel does not scale),
   padding keys (and the keys added to reach its tiles) in segment 0, every query in segment 1."""
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
       splash_attention_kernel as sk)
   B, T, N, H = q_BxTxNxH.shape
-  S = k_BxSxNxH.shape[1]
-  if key_mask_BxS is None:
-    key_mask_BxS = jnp.ones((B, S), bool)
   scale = 1.0 / np.sqrt(H)
   to_heads = lambda x: _pad_to(jnp.swapaxes(x, 1, 2), 2, _SPLASH_BLOCK)  # [B, N, L', H]
   q = to_heads(q_BxTxNxH * jnp.asarray(scale, q_BxTxNxH.dtype))

@@ -26,8 +26,8 @@ RESUMABLE = ('train.num_steps', 'train.log_every', 'train.eval_every', 'train.ch
              'train.checkpoint_minutes', 'train.keep_checkpoints', 'rl.num_steps',
              'rl.log_every', 'rl.eval_every', 'rl.checkpoint_every', 'rl.checkpoint_minutes',
              'rl.keep_checkpoints', 'eval_sampler.batch_size', 'sharding',
-             'model.remat', 'model.dtype', 'model.head_chunk',  # how to run: memory, speed
-             'dry_run')
+             # how to run (memory, speed), not what is computed:
+             'model.remat', 'model.dtype', 'model.head_chunk', 'model.attention', 'dry_run')
 
 
 def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dlm import attention
 from dlm import sharding
 from dlm.errors import ConfigError
 
@@ -52,6 +53,7 @@ class ModelConfig:
   # positions per output-head chunk in `token_logp` (0 = all at once): each live copy of a
   # chunk's logits is B·head_chunk·V float32 (B = rows per device)
   head_chunk: int = 128
+  attention: str = 'auto'  # 'auto' | 'xla' | 'cudnn' | 'splash' (dlm.attention)
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -61,6 +63,8 @@ class ModelConfig:
     for k in ('param_dtype', 'dtype'):
       if getattr(self, k) not in DTYPES:
         raise ConfigError(f'model.{k}={getattr(self, k)!r}; valid: {tuple(DTYPES)}')
+    if self.attention not in attention.IMPLEMENTATIONS:
+      raise ConfigError(f'model.attention={self.attention!r}; valid: {attention.IMPLEMENTATIONS}')
     if self.head_chunk < 0:
       raise ConfigError(f'model.head_chunk={self.head_chunk} must be ≥ 0 (0 = no chunking)')
     if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
@@ -184,8 +188,9 @@ class Attention(nnx.Module):
     if kv is not None:
       k_all = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=1)
       v_all = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=1)
-    mask = None if key_mask_BxL is None else key_mask_BxL[:, None, None, :]
-    o_BxWxNxH = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask)
+    impl = attention.resolve(self.cfg.attention, dt, self.cfg.head_dim)
+    o_BxWxNxH = attention.attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), key_mask_BxL,
+                                 impl)
     out = _tokens_first(lambda o: jnp.einsum('mnh,nhd->md', o, self.out[...].astype(dt)),
                         o_BxWxNxH)
     return out, (k, v)

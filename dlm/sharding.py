@@ -140,6 +140,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def active_spec(names: Sequence[str | None], shape: Sequence[int]) -> tuple[Mesh, P] | None:
+  """(mesh, PartitionSpec) `constrain` would pin `shape` to under the active context, or None
+  without one: for kernels that must run per shard (`jax.shard_map`), e.g. splash attention."""
+  ctx = getattr(_active, 'ctx', None)
+  if ctx is None:
+    return None
+  mesh, table = ctx
+  return mesh, logical_to_spec(names, shape, table.items(), mesh)
+
+
 def mesh_of(tree: Any) -> Mesh | None:
   """The mesh the arrays of a pytree are laid out on (the first NamedSharding's), or None."""
   for x in jax.tree.leaves(tree):

@@ -124,7 +124,7 @@ def pretrain_data(cfg, workdir) -> data_lib.Data:
                   d.batch_size * d.seq_len)
 
 
-RUNTIME_MODEL_KEYS = ('remat', 'dtype', 'head_chunk')  # how to run a model, not what it is
+RUNTIME_MODEL_KEYS = ('remat', 'dtype', 'head_chunk', 'attention')  # how to run a model, not what it is
 
 
 def with_model(cfg, model_section: dict):

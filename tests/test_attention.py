@@ -50,3 +50,22 @@ def test_compiling_for_another_platform():
   with attention.compiling_for('tpu'):
     assert attention.resolve('auto', jnp.bfloat16, 128) == 'splash'
   assert attention.resolve('auto', jnp.bfloat16, 128) == 'xla'  # this process: CPU
+
+
+def test_splash_runs_per_shard_under_activation_sharding():
+  """On a mesh the Pallas kernel runs inside shard_map (rows over data × fsdp, heads over
+  tensor) and still equals XLA attention."""
+  from dlm import sharding
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  q, k, v = qkv(B=4, T=24, S=24)
+  km = jnp.arange(24)[None] >= jnp.asarray([0, 5, 0, 11])[:, None]
+
+  @jax.jit
+  def splash(q, k, v, km):
+    with sharding.activation_sharding(mesh):
+      return attention.attend(q, k, v, km, 'splash', interpret=True)
+
+  lowered = splash.lower(q, k, v, km).as_text()
+  assert 'shard_map' in lowered or 'manual' in lowered.lower()
+  np.testing.assert_allclose(splash(q, k, v, km), attention.attend(q, k, v, km, 'xla'),
+                             atol=1e-5)

@@ -151,5 +151,5 @@ def test_tpu_refusal_is_reported_not_raised(tmp_path):
                           '--config.data.batch_size=1024', '--config.data.seq_len=2048',
                           tmp_path=tmp_path)
   assert code == 3 and out['fits'] is False and out['refused'] is True
-  assert out['hbm_bytes'] == int(15.75 * 2**30) and out['total_bytes'] > 100e9
+  assert out['hbm_bytes'] == int(15.75 * 2**30) and out['total_bytes'] > out['hbm_bytes']
   assert 'XLA refused to compile' in stdout and 'Traceback' not in stdout
