@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs) | 'dots_no_batch'
   m.attention = 'auto'  # 'auto' (cuDNN on GPU, splash on TPU, else XLA) | 'xla' | 'cudnn' | 'splash'
   m.head_chunk = 128  # output-head positions per chunk in the losses (0 = all at once)
+  # LoRA adapters (rank 0 = none): only they train, the base stays frozen (e.g. load it with
+  # model.param_dtype='bfloat16'); d1 uses rank 128 on every projection
+  m.lora = ml_collections.ConfigDict({'rank': 0, 'alpha': 16.0, 'targets': 'q,k,v,o,gate,up,down'})
 
   c.diffusion = d = ml_collections.ConfigDict()
   d.loss = 'lambda_dce'  # 'lambda_dce' | 't_dce' | 't_dse' | 'k_dce'
@@ -92,8 +95,10 @@ def tiny(c):
 
 
 def radd_small(c):
+  # remat 'dots' from the dry run (BENCHMARKS.md): 64 × 1024 per v5p chip takes 20.6 GB with
+  # it, 66.3 GB without; radd_medium 42.6 GB
   c.model.update(num_embeddings=50258, mask_id=50257, d_model=768, n_layers=12, n_heads=12,
-                 mlp_dim=3072, dropout=0.02)
+                 mlp_dim=3072, dropout=0.02, remat='dots')
   return c
 
 

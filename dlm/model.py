@@ -24,6 +24,8 @@ REMAT_POLICIES = {
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # d1's choice: every projection
+LORA_PREFIX = 'lora_'  # adapter parameters' names start with it (what trains under LoRA)
 # Logical axes of activations (dlm.sharding's rules map them onto the mesh; constraints act
 # only inside `sharding.activation_sharding`, i.e. in the jitted steps and samplers).
 ACT_BxLxD = ('activation_batch', 'activation_length', 'activation_embed')
@@ -54,6 +56,11 @@ class ModelConfig:
   # chunk's logits is B·head_chunk·V float32 (B = rows per device)
   head_chunk: int = 128
   attention: str = 'auto'  # 'auto' | 'xla' | 'cudnn' | 'splash' (dlm.attention)
+  # LoRA adapters (rank 0 = none): W x + (alpha / rank)·B(A x) on the named projections; with
+  # adapters only they train (dlm.trainer), the base stays as loaded (e.g. bfloat16)
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -65,6 +72,9 @@ class ModelConfig:
         raise ConfigError(f'model.{k}={getattr(self, k)!r}; valid: {tuple(DTYPES)}')
     if self.attention not in attention.IMPLEMENTATIONS:
       raise ConfigError(f'model.attention={self.attention!r}; valid: {attention.IMPLEMENTATIONS}')
+    if self.lora_rank < 0 or not set(self.lora_targets) <= set(LORA_TARGETS):
+      raise ConfigError(f'model.lora: rank={self.lora_rank} must be ≥ 0 and targets '
+                        f'{self.lora_targets} among {LORA_TARGETS}')
     if self.head_chunk < 0:
       raise ConfigError(f'model.head_chunk={self.head_chunk} must be ≥ 0 (0 = no chunking)')
     if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
@@ -89,6 +99,11 @@ def config_from(model_cfg, num_embeddings: int | None = None) -> ModelConfig:
     kw['mask_id'] = kw['num_embeddings'] - 1
   if kw.get('dtype') == 'auto':
     kw['dtype'] = auto_dtype()
+  lora = model_cfg.get('lora') or {}
+  if lora:
+    targets = lora.get('targets', LORA_TARGETS)
+    kw.update(lora_rank=int(lora.get('rank', 0)), lora_alpha=float(lora.get('alpha', 16.0)),
+              lora_targets=tuple(targets.split(',') if isinstance(targets, str) else targets))
   return ModelConfig(**kw)
 
 
@@ -112,6 +127,43 @@ def real_log_softmax(logits_BxLxV: jax.Array, mask_id: int) -> jax.Array:
 
 def _param(rngs, init, shape, names, dtype):
   return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
+
+
+class Adapter(nnx.Module):
+  """A LoRA adapter of a projection [*in, *out]: A [*in, r] (normal, 1/√fan_in) and B [r, *out]
+  (zero, so the adapted model starts as the base), float32 whatever the base's dtype."""
+
+  def __init__(self, rngs, rank: int, in_shape, in_names, out_shape, out_names):
+    self.a = _param(rngs, nnx.initializers.normal(stddev=math.prod(in_shape) ** -0.5),
+                    (*in_shape, rank), (*in_names, None), jnp.float32)
+    self.b = _param(rngs, nnx.initializers.zeros, (rank, *out_shape), (None, *out_names),
+                    jnp.float32)
+
+
+def _lora(module, rngs, cfg, name: str, in_shape, in_names, out_shape, out_names):
+  """Sets module.lora_<name>: an Adapter when cfg adapts that projection, else None."""
+  adapt = cfg.lora_rank > 0 and name in cfg.lora_targets
+  setattr(module, f'{LORA_PREFIX}{name}',
+          Adapter(rngs, cfg.lora_rank, in_shape, in_names, out_shape, out_names)
+          if adapt else None)
+
+
+def _no_lora(cfg):
+  return dataclasses.replace(cfg, lora_rank=0)
+
+
+def _adapted(module, name: str, x_MxI, dt, in_axes: int = 1):
+  """(alpha / r)·B(A x) of adapter `name` for tokens-first inputs; None where there is none."""
+  adapter = getattr(module, f'{LORA_PREFIX}{name}')
+  if adapter is None:
+    return None
+  cfg = module.cfg
+  xa = jnp.tensordot(x_MxI, adapter.a[...].astype(dt), axes=in_axes)
+  return (cfg.lora_alpha / cfg.lora_rank) * jnp.tensordot(xa, adapter.b[...].astype(dt), axes=1)
+
+
+def _plus(y, delta):
+  return y if delta is None else y + delta
 
 
 def _dense_init(fan_in):
@@ -173,14 +225,16 @@ class Attention(nnx.Module):
     # RADD attn_qkv [3d, d] (rows q|k|v, head, head-dim) and LLaDA q/k/v_proj both map here.
     self.qkv = _param(rngs, _dense_init(d), (d, 3, n, h), ('embed', None, 'heads', None), pd)
     self.out = _param(rngs, _dense_init(d), (n, h, d), ('heads', None, 'embed'), pd)
+    for name in 'qkv':
+      _lora(self, rngs, cfg, name, (d,), ('embed',), (n, h), ('heads', None))
+    _lora(self, rngs, cfg, 'o', (n, h), ('heads', None), (d,), ('embed',))
 
   def __call__(self, x_BxWxD, key_mask_BxL, start=0, kv=None):
     """Attention of the window [start, start+W) of an L-token sequence. Keys and values outside
     the window come from `kv` (the cache: [B, L, N, H] each); kv=None means W is the whole
     sequence. Returns (output, the window's fresh (k, v))."""
     dt = DTYPES[self.cfg.dtype]
-    qkv = _tokens_first(lambda x: jnp.einsum('md,dtnh->mtnh', x, self.qkv[...].astype(dt)),
-                        x_BxWxD)
+    qkv = _tokens_first(lambda x: self._qkv(x, dt), x_BxWxD)
     pos_W = start + jnp.arange(x_BxWxD.shape[1])
     q, k = (rope(qkv[:, :, i], self.cfg.rope_base, pos_W) for i in (0, 1))
     v = qkv[:, :, 2]
@@ -191,9 +245,17 @@ class Attention(nnx.Module):
     impl = attention.resolve(self.cfg.attention, dt, self.cfg.head_dim)
     o_BxWxNxH = attention.attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), key_mask_BxL,
                                  impl)
-    out = _tokens_first(lambda o: jnp.einsum('mnh,nhd->md', o, self.out[...].astype(dt)),
-                        o_BxWxNxH)
+    out = _tokens_first(lambda o: _plus(jnp.einsum('mnh,nhd->md', o, self.out[...].astype(dt)),
+                                        _adapted(self, 'o', o, dt, in_axes=2)), o_BxWxNxH)
     return out, (k, v)
+
+  def _qkv(self, x_MxD, dt):
+    qkv = jnp.einsum('md,dtnh->mtnh', x_MxD, self.qkv[...].astype(dt))
+    for j, name in enumerate('qkv'):
+      delta = _adapted(self, name, x_MxD, dt)
+      if delta is not None:
+        qkv = qkv.at[:, j].add(delta)
+    return qkv
 
 
 class Mlp(nnx.Module):
@@ -210,18 +272,23 @@ class Mlp(nnx.Module):
       self.w_up = None
     else:
       self.w_up = _param(rngs, _dense_init(d), (d, f), ('embed', 'mlp'), pd)
+    for name in ('gate', 'up'):
+      _lora(self, rngs, cfg if name == 'gate' or self.w_up is not None else _no_lora(cfg), name,
+            (d,), ('embed',), (f,), ('mlp',))
+    _lora(self, rngs, cfg, 'down', (f,), ('mlp',), (d,), ('embed',))
 
   def __call__(self, x_BxLxD):
     return _tokens_first(self._per_token, x_BxLxD)
 
   def _per_token(self, x_MxD):
     dt = DTYPES[self.cfg.dtype]
-    h = x_MxD @ self.w_in[...].astype(dt)
+    h = _plus(x_MxD @ self.w_in[...].astype(dt), _adapted(self, 'gate', x_MxD, dt))
     if self.w_up is None:
       h = jax.nn.gelu(h + self.b_in[...].astype(dt), approximate=True)
-      return h @ self.w_out[...].astype(dt) + self.b_out[...].astype(dt)
-    h = jax.nn.silu(h) * (x_MxD @ self.w_up[...].astype(dt))
-    return h @ self.w_out[...].astype(dt)
+      return (_plus(h @ self.w_out[...].astype(dt), _adapted(self, 'down', h, dt)) +
+              self.b_out[...].astype(dt))
+    h = jax.nn.silu(h) * _plus(x_MxD @ self.w_up[...].astype(dt), _adapted(self, 'up', x_MxD, dt))
+    return _plus(h @ self.w_out[...].astype(dt), _adapted(self, 'down', h, dt))
 
 
 class Block(nnx.Module):
@@ -362,6 +429,47 @@ def _project(head_DxV, bias_V, h_BxCxD, dt):
                                               preferred_element_type=jnp.float32), h_BxCxD)
   logits = sharding.constrain(logits, ACT_BxLxV)
   return logits if bias_V is None else logits + bias_V.astype(jnp.float32)
+
+
+def merge_lora(params: dict, cfg: ModelConfig) -> dict:
+  """The base parameters with every LoRA adapter folded in (W + (alpha/r)·A·B), adapters
+  removed: the same function as the adapted model, for export or for a model without them."""
+  if not has_lora(params):
+    return params
+  scale = cfg.lora_alpha / cfg.lora_rank
+  attn, mlp = dict(params['blocks']['attn']), dict(params['blocks']['mlp'])
+
+  def delta(ab):  # per layer: A [L, *in, r] · B [L, r, *out] → [L, *in, *out]
+    a, b = ab['a'], ab['b']
+    L, r = a.shape[0], a.shape[-1]
+    ab_LxIxO = jnp.einsum('lir,lro->lio', a.reshape(L, -1, r).astype(jnp.float32),
+                          b.reshape(L, r, -1).astype(jnp.float32))
+    return scale * ab_LxIxO.reshape(*a.shape[:-1], *b.shape[2:])
+
+  for j, name in enumerate('qkv'):
+    ab = attn.pop(f'{LORA_PREFIX}{name}', None)
+    if ab is not None:
+      w = attn['qkv']
+      attn['qkv'] = w.at[:, :, j].add(delta(ab).astype(w.dtype))
+  targets = (('o', attn, 'out'), ('gate', mlp, 'w_in'), ('up', mlp, 'w_up'),
+             ('down', mlp, 'w_out'))
+  for name, group, weight in targets:
+    ab = group.pop(f'{LORA_PREFIX}{name}', None)
+    if ab is not None:
+      group[weight] = group[weight] + delta(ab).astype(group[weight].dtype)
+  return {**params, 'blocks': {**params['blocks'], 'attn': attn, 'mlp': mlp}}
+
+
+def has_lora(params: dict) -> bool:
+  return any(str(k).startswith(LORA_PREFIX) for path in _paths(params) for k in path)
+
+
+def _paths(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _paths(v, prefix + (k,))
+    else:
+      yield prefix + (k,)
 
 
 def count_params(cfg: ModelConfig) -> int:

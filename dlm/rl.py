@@ -228,7 +228,8 @@ def build(cfg, workdir: str, devices=None) -> Setup:
     if not cfg.init.checkpoint:
       train_lib.run(sft_config(cfg, workdir), policy_source(cfg, workdir), devices)
     init = workdir_lib.load(policy_source(cfg, workdir), use_ema=cfg.init.use_ema, mesh=mesh)
-    tok, model_section, init_params = init.tokenizer, init.config['model'], init.params
+    tok, model_section = init.tokenizer, init.config['model']
+    init_params = workdir_lib.base_params(init)  # this run's LoRA adapters (if any) start fresh
     workdir_lib.save_tokenizer(tok, workdir)  # the workdir must load alone
   cfg = train_lib.with_model(cfg, model_section)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=r.keep_checkpoints)
@@ -256,8 +257,10 @@ def run(cfg, workdir: str, devices=None) -> dict:
     state = trainer.state_from_params(init_params)  # a copy: updates donate the state
   ref_params = None  # diffu_grpo's KL reference: the initial policy
   if r.kl_beta > 0:
-    ref_params = init_params if init_params is not None else workdir_lib.load(
-        policy_source(cfg, workdir), use_ema=cfg.init.use_ema, mesh=trainer.mesh).params
+    ref_params = trainer.params_from(init_params if init_params is not None else
+                                     workdir_lib.base_params(workdir_lib.load(
+                                         policy_source(cfg, workdir), use_ema=cfg.init.use_ema,
+                                         mesh=trainer.mesh)))
   writer = metrics_lib.MetricsWriter(workdir, start)
   log(f'RL ({r.objective}, {task.name}): {r.num_prompts} prompts × {r.group_size} responses, '
       f'n_t {r.num_mc}, {max(r.num_steps - start, 0)} steps; {len(held_out)} held-out problems')

@@ -124,16 +124,18 @@ def pretrain_data(cfg, workdir) -> data_lib.Data:
                   d.batch_size * d.seq_len)
 
 
-RUNTIME_MODEL_KEYS = ('remat', 'dtype', 'head_chunk', 'attention')  # how to run a model, not what it is
+# What the run decides about a model it loads: how to run it, and which LoRA adapters it trains.
+RUN_MODEL_KEYS = ('remat', 'dtype', 'head_chunk', 'attention', 'lora')
 
 
 def with_model(cfg, model_section: dict):
   """A copy of cfg whose model section is `model_section` (the architecture a checkpoint
-  decides), so the saved config describes the model actually trained; how it runs
-  (`RUNTIME_MODEL_KEYS`: rematerialisation, compute dtype) stays the run config's."""
+  decides), so the saved config describes the model actually trained; `RUN_MODEL_KEYS`
+  (rematerialisation, compute dtype, head chunks, attention kernel, LoRA adapters) stay the run
+  config's."""
   c = ml_collections.ConfigDict(cfg.to_dict())
   section = dict(model_section)
-  section.update({k: cfg.model[k] for k in RUNTIME_MODEL_KEYS if k in cfg.model})
+  section.update({k: cfg.model[k] for k in RUN_MODEL_KEYS if k in cfg.model})
   c.model = ml_collections.ConfigDict(section)
   c.lock()
   return c
@@ -175,8 +177,8 @@ def run(cfg, workdir: str, devices=None) -> dict:
     data_lib.restore_process_iterator(data.iterator, data_state)
     log(f'resumed from step {start} in {ckpt.directory}')
   elif init:
-    state = trainer.state_from_params(workdir_lib.load(
-        cfg.init.checkpoint, init[0], cfg.init.use_ema, mesh=trainer.mesh).params)
+    state = trainer.state_from_params(workdir_lib.base_params(workdir_lib.load(
+        cfg.init.checkpoint, init[0], cfg.init.use_ema, mesh=trainer.mesh)))
   else:
     state = trainer.init_state()
   writer = metrics_lib.MetricsWriter(workdir, start)

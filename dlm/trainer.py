@@ -46,6 +46,39 @@ def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
   return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
 
 
+def is_trainable(mcfg: model_lib.ModelConfig):
+  """pred(path) of the parameters an optimizer updates: every one, or with LoRA
+  (model.lora.rank > 0) only the adapters (the base stays frozen, e.g. in bfloat16)."""
+  if mcfg.lora_rank == 0:
+    return lambda path: True
+  return lambda path: any(str(k).startswith(model_lib.LORA_PREFIX) for k in path)
+
+
+def partition(tree: dict, pred, path=()) -> tuple[dict, dict]:
+  """(leaves where pred(path), the rest) of a nested dict, each nested like `tree`."""
+  yes, no = {}, {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      a, b = partition(v, pred, path + (k,))
+      if a:
+        yes[k] = a
+      if b:
+        no[k] = b
+    elif pred(path + (k,)):
+      yes[k] = v
+    else:
+      no[k] = v
+  return yes, no
+
+
+def join(a: dict, b: dict) -> dict:
+  """The union of two nested dicts with disjoint leaves (inverse of `partition`)."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = join(out[k], v) if k in out and isinstance(v, dict) else v
+  return out
+
+
 def abstract_params(mcfg: model_lib.ModelConfig, mesh, rules):
   """(graphdef, parameters as ShapeDtypeStructs carrying their shardings): the model's
   structure with nothing allocated — what `init` creates and a restore fills in."""
@@ -65,6 +98,8 @@ class Trainer:
     self.use_ema = train_cfg.ema_max_decay > 0
     self.graphdef, abstract = abstract_params(mcfg, mesh, rules)
     self.param_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    self.trainable = is_trainable(mcfg)
+    self.trainable_shardings = partition(self.param_shardings, self.trainable)[0]
     abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
     self.state_shardings = self._state_shardings(abstract_state)
     self.abstract_state = jax.tree.map(
@@ -75,17 +110,17 @@ class Trainer:
     rngs = nnx.Rngs(jax.random.wrap_key_data(key_data))
     params = nnx.to_pure_dict(nnx.state(model_lib.Transformer(self.mcfg, rngs)))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.optimizer.init(params),
+                      opt_state=self.optimizer.init(partition(params, self.trainable)[0]),
                       ema=params if self.use_ema else None)
 
   def _state_shardings(self, abstract_state: TrainState) -> TrainState:
     """Optimizer moments shard like their parameters; scalars are replicated."""
     rep = sharding.replicated(self.mesh)
-    p_struct = jax.tree.structure(self.param_shardings)
+    p_struct = jax.tree.structure(self.trainable_shardings)
 
     def opt_shardings(node):
       if jax.tree.structure(node) == p_struct:
-        return self.param_shardings
+        return self.trainable_shardings
       return jax.tree.map(lambda _: rep, node)
 
     opt = jax.tree.map(opt_shardings, abstract_state.opt_state,
@@ -100,12 +135,26 @@ class Trainer:
 
   def state_from_params(self, params) -> TrainState:
     """A fresh optimizer (and EMA) around given parameters: RL and SFT from a checkpoint.
-    The parameters are copied: updates donate the state's buffers."""
-    def make(p):
-      p = jax.tree.map(jnp.copy, p)
+    The parameters are copied: updates donate the state's buffers. Base parameters without
+    this run's LoRA adapters get fresh ones (`workdir.load_base` folds a source's own in)."""
+    def make(p, key_data):
+      p = self._with_adapters(jax.tree.map(jnp.copy, p), key_data)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                        opt_state=self.optimizer.init(p), ema=p if self.use_ema else None)
-    return jax.jit(make, out_shardings=self.state_shardings)(params)
+                        opt_state=self.optimizer.init(partition(p, self.trainable)[0]),
+                        ema=p if self.use_ema else None)
+    return jax.jit(make, out_shardings=self.state_shardings)(params, self.base_key)
+
+  def _with_adapters(self, params, key_data):
+    """Base parameters without this run's LoRA adapters get freshly initialised ones (only they
+    are computed: the rest of the initialisation is dead code to XLA)."""
+    if jax.tree.structure(params) == jax.tree.structure(self.param_shardings):
+      return params
+    return join(partition(self._init(key_data).params, self.trainable)[0], params)
+
+  def params_from(self, params):
+    """`params` in this run's layout (fresh LoRA adapters added where missing), placed."""
+    return jax.jit(self._with_adapters, out_shardings=self.param_shardings)(params,
+                                                                             self.base_key)
 
   # The checkpoint items of a state (see dlm.checkpoint): parameters load without the rest.
   @staticmethod
@@ -131,13 +180,14 @@ class Trainer:
 
   def accumulated_grads(self, loss_fn: LossFn, batch_shardings: Any, num_samples: int = 1):
     """`grads(params, batch, key) -> (grads, objective, sums)`: the mean over micro-batches ×
-    Monte Carlo samples of ∇loss_fn, accumulated by nested `lax.scan`s. One (micro-batch,
+    Monte Carlo samples of ∇loss_fn w.r.t. the trainable parameters (all, or LoRA's adapters),
+    accumulated by nested `lax.scan`s. One (micro-batch,
     sample) graph is alive at a time, so peak memory does not grow with either count.
     loss_fn(model, micro_batch, key, sample_index) gets one key per micro-batch and derives
     per-sample randomness from sample_index."""
     m, n = int(self.tc.microbatches), int(num_samples)
-    grad_fn = jax.value_and_grad(
-        lambda p, b, k, j: loss_fn(self.model(p), b, k, j), has_aux=True)
+    grad_fn = jax.value_and_grad(  # w.r.t. the trainable parameters only
+        lambda p, frozen, b, k, j: loss_fn(self.model(join(p, frozen)), b, k, j), has_aux=True)
 
     def split_micro(x):  # strided rows: every micro-batch keeps every shard's share
       return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
@@ -150,6 +200,7 @@ class Trainer:
         return _grads(params, batch, key)
 
     def _grads(params, batch, key):
+      params, frozen = partition(params, self.trainable)
       micro = jax.tree.map(split_micro, batch)
 
       def per_micro(carry, xs):
@@ -158,14 +209,14 @@ class Trainer:
         k = jax.random.fold_in(key, i)
 
         def per_sample(carry, j):
-          (obj, sums), g = grad_fn(params, mb, k, j)
+          (obj, sums), g = grad_fn(params, frozen, mb, k, j)
           return add(carry, (g, sums)), obj
 
         return jax.lax.scan(per_sample, carry, jnp.arange(n))
 
       zeros_g = jax.tree.map(jnp.zeros_like, params)
-      (_, sums0), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro),
-                                     key, 0)
+      (_, sums0), _ = jax.eval_shape(grad_fn, params, frozen,
+                                     jax.tree.map(lambda x: x[0], micro), key, 0)
       zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0)
       (g, sums), objs = jax.lax.scan(per_micro, (zeros_g, zeros_s), (jnp.arange(m), micro))
       return jax.tree.map(lambda x: x / (m * n), g), objs.mean(), sums
@@ -180,8 +231,9 @@ class Trainer:
     def step(state: TrainState, batch):
       key = jax.random.fold_in(jax.random.wrap_key_data(self.base_key), state.step)
       grads, objective, sums = grads_fn(state.params, batch, key)
-      updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
+      trainable, frozen = partition(state.params, self.trainable)
+      updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
+      params = join(optax.apply_updates(trainable, updates), frozen)
       ema = state.ema
       if self.use_ema:
         d = ema_decay(state.step, self.tc.ema_max_decay)

@@ -98,6 +98,12 @@ def load(workdir, step: int = -1, use_ema: bool = True, mesh=None, devices=None,
   return Loaded(tok, mcfg, graphdef, params, config, step)
 
 
+def base_params(loaded: Loaded):
+  """The loaded parameters with any LoRA adapters folded into the base weights: the same
+  function, in the layout of a model without adapters (a run's own adapters start fresh)."""
+  return model_lib.merge_lora(loaded.params, loaded.mcfg)
+
+
 def latest_config(workdir) -> tuple[int, dict] | None:
   """(step, saved config) of the latest checkpoint, or None in a workdir without any."""
   if not (epath.Path(workdir) / 'checkpoints').exists():

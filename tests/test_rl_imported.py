@@ -109,3 +109,25 @@ def test_countdown_reward_of_the_imported_policy(resumed):
   rows = metrics_lib.read_metrics(w)
   evals = [r for r in rows if 'eval/accuracy' in r]
   assert evals and all(r['eval/accuracy'] == 0 and r['eval/reward_mean'] == 0 for r in evals)
+
+
+def test_lora_on_the_imported_base_trains_only_the_adapters(imported, tmp_path):
+  """--config.model.lora.rank=4 on the imported model: fresh adapters, the base is untouched."""
+  d1_head = tmp_path / 'd1_head.jsonl'
+  lines = (tasks_base.DATA_DIR / 'countdown_cd3_test.jsonl').read_text().splitlines()
+  d1_head.write_text('\n'.join(lines[:8]) + '\n')
+  c = paper_preset(imported, 1, str(d1_head))
+  c.model.lora.update(rank=4, alpha=8.0)
+  c.eval_sampler.batch_size = 8
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(evaluate, 'rewards', text_rewards)
+    rl.run(c, str(tmp_path / 'w'))
+  before = workdir_lib.load(imported).params
+  after = workdir_lib.load(tmp_path / 'w', use_ema=False)
+  assert after.config['model']['lora']['rank'] == 4 and after.mcfg.lora_rank == 4
+  flat = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(t)}
+  a, b = flat(after.params), flat(before)
+  adapters = [k for k in a if 'lora_' in k]
+  assert adapters and all(k not in b for k in adapters)
+  assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in b)  # base frozen
+  assert any(np.any(np.asarray(a[k]) != 0) for k in adapters if k.endswith("['b']"))

@@ -253,7 +253,7 @@ def export_llada(src, out, use_ema: bool = True, max_shard_bytes: int = 5 * 2**3
   """Writes the dlm workdir `src`'s model (a LLaDA-family one) in LLaDA's layout to `out`."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   loaded = workdir_lib.load(src, use_ema=use_ema, need_tokenizer=False)
-  model, params = loaded.config['model'], loaded.params
+  model, params = loaded.config['model'], workdir_lib.base_params(loaded)  # LoRA folded in
   if model['family'] != 'llada':
     raise ConfigError(f'{src} holds a {model["family"]} model; --export=llada needs a LLaDA one')
   out, tmp = _fresh_out(out)
