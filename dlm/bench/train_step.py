@@ -2,8 +2,10 @@
 
 `python -m dlm.bench.train_step [--preset=bench20m|radd_small] [--dtype=float32|bfloat16]`, from
 the repository root (the model comes from `--config`, by default configs/pretrain.py:radd_small).
-Prints a table and, last, one JSON line. On CPU the denominator is this machine's own dense
-matmul rate (no vendor peak exists); on GPU/TPU the vendor bf16 peak is reported beside it.
+Prints a table and, last, one JSON line. MFU is against the vendor's dense bf16 peak on GPU/TPU
+and against this machine's own measured matmul rate on CPU (no vendor peak exists).
+`--topology=v5p-8` (or any `dlm.dry_run` slice) instead compiles the same step for that slice
+ahead of time and reports its per-chip memory (the dry run's table and JSON line); nothing runs.
 """
 import math
 import time
@@ -28,6 +30,8 @@ _DTYPE = flags.DEFINE_string('dtype', 'float32', 'compute dtype')
 _BATCH = flags.DEFINE_integer('batch', 8, 'sequences per step')
 _SEQ = flags.DEFINE_integer('seq_len', 256, 'sequence length')
 _STEPS = flags.DEFINE_integer('steps', 5, 'timed steps (after one warm-up); best is kept')
+_TOPOLOGY = flags.DEFINE_string('topology', None, 'compile only, for this TPU slice (dlm.dry_run '
+                                'names, e.g. v5p-8) or local: per-chip memory, nothing runs')
 
 
 def bench_config(preset: str) -> ConfigDict:
@@ -60,6 +64,10 @@ def main(argv):
   c = bench_config(_PRESET.value)
   c.model.dtype = _DTYPE.value
   c.data.update(batch_size=_BATCH.value, seq_len=_SEQ.value)
+  if _TOPOLOGY.value:
+    from dlm import dry_run  # pylint: disable=g-import-not-at-top
+    c.dry_run = _TOPOLOGY.value
+    raise SystemExit(dry_run.run(c, ''))
   mcfg = model_lib.config_from(c.model)
   dev = jax.devices()[:1]
   mesh = sharding.make_mesh(ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}), dev)
