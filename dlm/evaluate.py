@@ -38,14 +38,8 @@ def rollout(graphdef, params, enc, problems, key, scfg: sampling.SamplerConfig,
   `generate`, which semi_ar follows for LLaDA models, can pick the mask token itself) becomes
   EOS: the response ends there for the reward and for the RL loss alike, whose support excludes
   the mask token."""
-  ids, mask = enc.prompts(problems)
-  mesh, rules = sharding.mesh_of(params), sharding.hashable_rules(rules)
-  if mesh is not None and mesh.size == 1:
-    mesh = None
-  prompts = (ids, mask)
-  if mesh is not None and len(ids) % sharding.data_parallel_size(mesh, rules) == 0:
-    prompts = sharding.put_global(prompts, sharding.batch_shardings(prompts, mesh, rules))
-  tokens, _ = sampling.sample_params(graphdef, params, *prompts, key, cfg=scfg, mesh=mesh,
+  ids, mask, mesh, rules = sampling.data_parallel(params, *enc.prompts(problems), rules)
+  tokens, _ = sampling.sample_params(graphdef, params, ids, mask, key, cfg=scfg, mesh=mesh,
                                      rules=rules)
   tokens = np.array(tokens)  # a writable host copy
   response = tokens[:, enc.P:]

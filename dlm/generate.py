@@ -39,13 +39,15 @@ def run(cfg, workdir: str) -> list[dict]:
   pad = n_batches * bs - len(prompts)  # repeat the last row: every batch has the same shape
   ids, mask = (np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in (ids, mask))
   base = jax.random.key(cfg.seed)
-  fn = sampling.sample_params.lower(graphdef, params, ids[:bs], mask[:bs], base,
-                                    cfg=scfg).compile()
+  rows = lambda b: sampling.data_parallel(params, ids[b * bs:(b + 1) * bs],
+                                          mask[b * bs:(b + 1) * bs])  # data-parallel rows
+  _, _, mesh, rules = rows(0)
+  fn = sampling.sample_params.lower(graphdef, params, *rows(0)[:2], base, cfg=scfg, mesh=mesh,
+                                    rules=rules).compile()
   records, batch_seconds = [], []
   for b in range(n_batches):
     t0 = time.perf_counter()
-    x, stats = jax.device_get(fn(params, ids[b * bs:(b + 1) * bs], mask[b * bs:(b + 1) * bs],
-                                 jax.random.fold_in(base, b)))
+    x, stats = jax.device_get(fn(params, *rows(b)[:2], jax.random.fold_in(base, b)))
     seconds = time.perf_counter() - t0
     batch_seconds.append(seconds)
     for r in range(bs):

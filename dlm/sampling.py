@@ -461,3 +461,16 @@ def sample_params(graphdef, params, prompt_BxP, prompt_mask_BxP, key, *, cfg: Sa
     rows = lambda a: sharding.constrain(a, ('activation_batch',) + (None,) * (a.ndim - 1))
     out = sample(nnx.merge(graphdef, params), rows(prompt_BxP), rows(prompt_mask_BxP), key, cfg)
     return jax.tree.map(lambda a: sharding.constrain(a, ()), out)  # replicated
+
+
+def data_parallel(params, prompt_BxP, prompt_mask_BxP, rules=sharding.DEFAULT_RULES):
+  """(prompts, mask, mesh, rules) for `sample_params` on the parameters' own mesh: the prompts
+  placed as global arrays sharded by batch when the data-parallel axes divide the rows (each
+  device then samples its own rows), mesh None on one device."""
+  mesh, rules = sharding.mesh_of(params), sharding.hashable_rules(rules)
+  if mesh is None or mesh.size == 1:
+    return prompt_BxP, prompt_mask_BxP, None, rules
+  prompts = (prompt_BxP, prompt_mask_BxP)
+  if len(prompt_BxP) % sharding.data_parallel_size(mesh, rules) == 0:
+    prompts = sharding.put_global(prompts, sharding.batch_shardings(prompts, mesh, rules))
+  return (*prompts, mesh, rules)
