@@ -26,6 +26,8 @@ from dlm import workdir as workdir_lib
 from dlm.errors import ConfigError, ConfigMismatchError
 from dlm.tasks import countdown, sudoku
 
+import signals
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ('rl/rollout_seconds', 'rl/update_seconds')
 CONFIGS = {'countdown': rl_countdown, 'sudoku': rl_sudoku}
@@ -183,21 +185,12 @@ def test_sigterm_saves_the_current_step_and_the_rerun_reproduces_the_run(straigh
     return  # the stop path is task-independent
   cmd = [sys.executable, '-m', 'dlm.main', '--config=configs/rl_countdown.py:tiny',
          f'--workdir={tmp_path}']
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  metrics = tmp_path / 'metrics.jsonl'
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:  # until RL step 1 is logged
-    if metrics.exists() and any('rl/reward_mean' in l for l in metrics.read_text().split('\n')):
-      break
-    time.sleep(0.01)
-  assert proc.poll() is None, 'the run finished before the signal'
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=240)
-  assert proc.returncode == 0, err[-2000:]
+  code, out, err = signals.sigterm_when(cmd, tmp_path,
+                                        lambda lines: any('rl/reward_mean' in l for l in lines))
+  assert code == 0, err[-2000:]
   step = int(out.split('RL: stopped by SIGTERM after step ')[1].split(';')[0])
   assert (tmp_path / 'checkpoints' / str(step)).is_dir()
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   assert f'resumed RL from step {step}' in done.stdout

@@ -17,6 +17,8 @@ from dlm.errors import ConfigError, DlmError
 from dlm import metrics as metrics_lib
 from dlm import train
 
+import signals
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -229,29 +231,17 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_rerun_continues(straight
   """A preempted VM gets SIGTERM: the run finishes the step in flight, checkpoints it, exits 0,
   and the same command resumes there, reproducing the uninterrupted run's losses."""
   import json
-  import signal
-  import time
   cmd = [sys.executable, '-m', 'dlm.main', '--config=configs/pretrain.py:tiny',
          f'--workdir={tmp_path}', '--config.data.builtin_documents=400',
          '--config.data.vocab_size=255', '--config.train.num_steps=8', '--config.train.log_every=1',
          '--config.train.eval_every=1000', '--config.train.checkpoint_every=4']
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  metrics = tmp_path / 'metrics.jsonl'
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:  # until step 1 is logged
-    if metrics.exists() and any(json.loads(l)['step'] >= 1 for l in metrics.read_text().split('\n')
-                                if l.strip()):
-      break
-    time.sleep(0.01)
-  assert proc.poll() is None, 'the run finished before the signal'
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=240)
-  assert proc.returncode == 0, err[-2000:]
+  code, out, err = signals.sigterm_when(
+      cmd, tmp_path, lambda lines: any(json.loads(l)['step'] >= 1 for l in lines))
+  assert code == 0, err[-2000:]
   stopped = ckpt_lib.Checkpointer(str(tmp_path), read_only=True).latest_step()
   assert f'stopped by SIGTERM after step {stopped};' in out and 1 <= stopped < 8
   assert max(losses(tmp_path)) == stopped  # every step up to the checkpoint is logged
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   assert f'resumed from step {stopped}' in done.stdout
