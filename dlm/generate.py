@@ -41,8 +41,8 @@ def run(cfg, workdir: str) -> list[dict]:
   base = jax.random.key(cfg.seed)
   rows = lambda b: sampling.data_parallel(params, ids[b * bs:(b + 1) * bs],
                                           mask[b * bs:(b + 1) * bs])  # data-parallel rows
-  _, _, mesh, rules = rows(0)
-  fn = sampling.sample_params.lower(graphdef, params, *rows(0)[:2], base, cfg=scfg, mesh=mesh,
+  ids0, mask0, mesh, rules = rows(0)
+  fn = sampling.sample_params.lower(graphdef, params, ids0, mask0, base, cfg=scfg, mesh=mesh,
                                     rules=rules).compile()
   records, batch_seconds = [], []
   for b in range(n_batches):

@@ -148,13 +148,9 @@ def _lora(module, rngs, cfg, name: str, in_shape, in_names, out_shape, out_names
           if adapt else None)
 
 
-def _no_lora(cfg):
-  return dataclasses.replace(cfg, lora_rank=0)
-
-
 def _adapted(module, name: str, x_MxI, dt, in_axes: int = 1):
   """(alpha / r)·B(A x) of adapter `name` for tokens-first inputs; None where there is none."""
-  adapter = getattr(module, f'{LORA_PREFIX}{name}')
+  adapter = getattr(module, f'{LORA_PREFIX}{name}', None)
   if adapter is None:
     return None
   cfg = module.cfg
@@ -272,9 +268,8 @@ class Mlp(nnx.Module):
       self.w_up = None
     else:
       self.w_up = _param(rngs, _dense_init(d), (d, f), ('embed', 'mlp'), pd)
-    for name in ('gate', 'up'):
-      _lora(self, rngs, cfg if name == 'gate' or self.w_up is not None else _no_lora(cfg), name,
-            (d,), ('embed',), (f,), ('mlp',))
+    for name in ('gate', 'up') if self.w_up is not None else ('gate',):  # RADD has no 'up'
+      _lora(self, rngs, cfg, name, (d,), ('embed',), (f,), ('mlp',))
     _lora(self, rngs, cfg, 'down', (f,), ('mlp',), (d,), ('embed',))
 
   def __call__(self, x_BxLxD):
@@ -460,8 +455,13 @@ def merge_lora(params: dict, cfg: ModelConfig) -> dict:
   return {**params, 'blocks': {**params['blocks'], 'attn': attn, 'mlp': mlp}}
 
 
+def is_adapter(path) -> bool:
+  """Whether a parameter path (keys from the root) lies in a LoRA adapter."""
+  return any(str(k).startswith(LORA_PREFIX) for k in path)
+
+
 def has_lora(params: dict) -> bool:
-  return any(str(k).startswith(LORA_PREFIX) for path in _paths(params) for k in path)
+  return any(is_adapter(path) for path in _paths(params))
 
 
 def _paths(tree, prefix=()):

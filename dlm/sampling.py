@@ -322,10 +322,8 @@ def _guided(net: Net, cfg: SamplerConfig, prompt_BxL, key_mask_BxL):
 
   def guide(scores):
     cond, uncond = jnp.split(scores.astype(jnp.float32), 2)
-    mixed = uncond + (s + 1) * (cond - uncond)
-    if not net.full_softmax:  # a -inf mask column gives NaN here; it leaves the support anyway
-      mixed = jnp.where(jnp.arange(mixed.shape[-1]) == mid, -jnp.inf, mixed)
-    return norm(mixed)
+    # A -inf mask column gives NaN here; without full_softmax `norm` drops that column anyway.
+    return norm(uncond + (s + 1) * (cond - uncond))
 
   return (lambda x: guide(net.apply(dup(x, 0), km2)),
           lambda x: _map0(guide, net.encode(dup(x, 0), km2)),

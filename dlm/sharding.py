@@ -132,12 +132,8 @@ def activation_sharding(mesh: Mesh | None, rules=DEFAULT_RULES):
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint of x by logical axis names under the active context (no-op
   without one). A dim its mesh axes do not divide is replicated (e.g. a sampler's single row)."""
-  ctx = getattr(_active, 'ctx', None)
-  if ctx is None:
-    return x
-  mesh, table = ctx
-  spec = logical_to_spec(names, x.shape, table.items(), mesh)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  active = active_spec(names, x.shape)
+  return x if active is None else jax.lax.with_sharding_constraint(x, NamedSharding(*active))
 
 
 def active_spec(names: Sequence[str | None], shape: Sequence[int]) -> tuple[Mesh, P] | None:

@@ -51,7 +51,7 @@ def is_trainable(mcfg: model_lib.ModelConfig):
   (model.lora.rank > 0) only the adapters (the base stays frozen, e.g. in bfloat16)."""
   if mcfg.lora_rank == 0:
     return lambda path: True
-  return lambda path: any(str(k).startswith(model_lib.LORA_PREFIX) for k in path)
+  return model_lib.is_adapter
 
 
 def partition(tree: dict, pred, path=()) -> tuple[dict, dict]:
@@ -136,7 +136,7 @@ class Trainer:
   def state_from_params(self, params) -> TrainState:
     """A fresh optimizer (and EMA) around given parameters: RL and SFT from a checkpoint.
     The parameters are copied: updates donate the state's buffers. Base parameters without
-    this run's LoRA adapters get fresh ones (`workdir.load_base` folds a source's own in)."""
+    this run's LoRA adapters get fresh ones (`workdir.base_params` folds a source's own in)."""
     def make(p, key_data):
       p = self._with_adapters(jax.tree.map(jnp.copy, p), key_data)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p,
@@ -181,8 +181,8 @@ class Trainer:
   def accumulated_grads(self, loss_fn: LossFn, batch_shardings: Any, num_samples: int = 1):
     """`grads(params, batch, key) -> (grads, objective, sums)`: the mean over micro-batches ×
     Monte Carlo samples of ∇loss_fn w.r.t. the trainable parameters (all, or LoRA's adapters),
-    accumulated by nested `lax.scan`s. One (micro-batch,
-    sample) graph is alive at a time, so peak memory does not grow with either count.
+    accumulated by nested `lax.scan`s. One (micro-batch, sample) graph is alive at a time, so
+    peak memory does not grow with either count.
     loss_fn(model, micro_batch, key, sample_index) gets one key per micro-batch and derives
     per-sample randomness from sample_index."""
     m, n = int(self.tc.microbatches), int(num_samples)

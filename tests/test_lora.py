@@ -3,7 +3,6 @@ model after training; only the adapters train; RL starts LoRA from an imported b
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -36,8 +36,8 @@ from dlm.convert import layouts
 from dlm.errors import ConfigError, DataError, MissingFileError
 
 PICKLES = ('.bin', '.pth', '.pt', '.ckpt', '.pkl', '.pickle')
-TOKENIZER_FILES = (workdir_lib.TOKENIZER, 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja',
-                   'special_tokens_map.json', 'generation_config.json')
+TOKENIZER_FILES = (workdir_lib.TOKENIZER, 'tokenizer.json', 'tokenizer_config.json',
+                   'chat_template.jinja', 'special_tokens_map.json', 'generation_config.json')
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 STEP = 0  # the step an imported checkpoint is saved as
 
@@ -279,9 +279,8 @@ def export_llada(src, out, use_ema: bool = True, max_shard_bytes: int = 5 * 2**3
     cfg = layouts.outside_config('llada', model)
     cfg['torch_dtype'] = 'bfloat16' if model['param_dtype'] == 'bfloat16' else 'float32'
     (tmp / 'config.json').write_text(json.dumps(cfg, indent=2))
-    for name in TOKENIZER_FILES:
-      if (epath.Path(src) / name).exists():
-        shutil.copyfile(epath.Path(src) / name, tmp / name)
+    for f in _tokenizer_files(epath.Path(src)):
+      shutil.copyfile(f, tmp / f.name)
     _publish(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
