@@ -52,6 +52,10 @@ class ModelConfig:
   param_dtype: str = 'float32'
   dtype: str = 'float32'
   remat: str = 'none'
+  # up to this many layers run unrolled (no stacked residual buffers: a RADD-size step is
+  # ~10–25 % faster on XLA:CPU at 4 layers); deeper models run them as one `lax.scan`, whose
+  # compile time and program size do not grow with depth
+  max_unrolled_layers: int = 8
   # positions per output-head chunk in `token_logp` (0 = all at once): each live copy of a
   # chunk's logits is B·head_chunk·V float32 (B = rows per device)
   head_chunk: int = 128
@@ -82,6 +86,10 @@ class ModelConfig:
                        'even size (RoPE rotates half-heads)')
     if not 0 <= self.mask_id < self.num_embeddings:
       raise ConfigError(f'model.mask_id={self.mask_id} outside [0, {self.num_embeddings})')
+
+  @property
+  def scan_layers(self) -> bool:
+    return self.n_layers > self.max_unrolled_layers
 
   @property
   def head_dim(self) -> int:
@@ -381,9 +389,14 @@ class Transformer(nnx.Module):
         return x, None
       return x, tuple(sharding.constrain(a, ACT_BxLxNxH) for a in new_kv)
 
-    if cfg.remat != 'none':
-      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x, new_kv = jax.lax.scan(layer, x, (layers, keys, kv))
+    if cfg.remat != 'none':  # unrolled layers need prevent_cse (a scan body does not) so XLA
+      # cannot merge the recomputation back into the forward pass
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      x, new_kv = jax.lax.scan(layer, x, (layers, keys, kv))
+    else:
+      x, new_kv = _unrolled(layer, x, (layers, keys, kv), cfg.n_layers)
     return self.norm_final(x), new_kv
 
   def project(self, h_BxCxD):
@@ -415,6 +428,18 @@ class Transformer(nnx.Module):
     t_NxBxC = pad(targets_BxL).reshape(B, n, C).swapaxes(0, 1)
     logp_NxBxC = jax.lax.map(lambda a: jax.checkpoint(chunk_logp)(*a), (h_NxBxCxD, t_NxBxC))
     return sharding.constrain(logp_NxBxC.swapaxes(0, 1).reshape(B, n * C)[:, :L], ACT_BxL)
+
+
+def _unrolled(layer, x, xs, n: int):
+  """`lax.scan(layer, x, xs)` as n inlined calls: no loop, so no stacked residual buffers (zeroed,
+  then written slice by slice) and XLA fuses across layer boundaries. Each leaf of xs is split
+  once (jnp.split: its transpose is one concatenate, so the stacked gradient is written once)."""
+  parts = jax.tree.map(lambda a: jnp.split(a, n), xs)
+  ys = []
+  for i in range(n):
+    x, y = layer(x, jax.tree.map(lambda p: p[i][0], parts, is_leaf=lambda p: isinstance(p, list)))
+    ys.append(y)
+  return x, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
 
 
 def _project(head_DxV, bias_V, h_BxCxD, dt):
