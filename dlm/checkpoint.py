@@ -2,8 +2,13 @@
 
 A step holds separate items — `params`, `ema` (when kept), `opt` (optimizer state and step),
 `data` (every process's iterator position) and `config` — so a model can be loaded from its
-parameters alone, without the optimizer state. Orbax writes each step to a temporary directory
-and renames it when complete, so a run killed mid-save leaves the previous step as the latest.
+parameters alone, without the optimizer state.
+
+A run killed during an (asynchronous) save leaves that step unfinished, in orbax's own marking:
+a `<step>.orbax-checkpoint-tmp` directory on file systems with an atomic rename, a `<step>`
+directory without `commit_success.txt` on gs:// (no rename there). Orbax never lists such a
+step; opening a workdir to write names each with a warning and deletes it (a new save of that
+step would collide with it), so the run resumes from the previous complete step.
 
 One resume path for pretraining, SFT and RL (`Checkpointer.resume_step`, then `restore`): the
 saved config is read first and compared with the current one; a difference in a key that changes shapes or results
@@ -11,12 +16,15 @@ stops the run with one line naming each key and both values, before anything is 
 written. A step is called damaged only when reading it fails for another reason.
 """
 import json
+import logging
 from typing import Any
 
 import orbax.checkpoint as ocp
 from etils import epath
 
 from dlm.errors import CheckpointError, ConfigMismatchError, MissingFileError
+
+_logger = logging.getLogger(__name__)
 
 ITEMS = ('params', 'ema', 'opt', 'data', 'config')
 
@@ -51,19 +59,41 @@ def config_changes(saved: dict, current: dict, resumable=RESUMABLE) -> list[str]
           for k in sorted(set(a) | set(b)) if not free(k) and a.get(k, missing) != b.get(k, missing)]
 
 
+def unfinished_steps(directory: epath.Path, temporary_path_class=None) -> list[str]:
+  """Names of the step directories in `directory` that a save did not finish, by orbax's own
+  test for its file system (see the module docstring); [] when there is no directory."""
+  if not directory.exists():
+    return []
+  return sorted(ocp.path.step.tmp_checkpoints(directory, temporary_path_cls=temporary_path_class))
+
+
 class Checkpointer:
+  """temporary_path_class: orbax's marking of unfinished steps (None: the file system's
+  default; tests pass atomicity.CommitFileTemporaryPath to get gs://'s on a local disk)."""
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, temporary_path_class=None):
     self.directory = epath.Path(workdir) / 'checkpoints'
     if read_only and not self.directory.exists():
       raise MissingFileError(f'no checkpoints in {self.directory}')
+    # A reader may look at a run that is still writing: only a writer calls a step abandoned.
+    leftovers = [] if read_only else unfinished_steps(self.directory, temporary_path_class)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                              read_only=read_only,
-                                             enable_async_checkpointing=async_save),
+                                             enable_async_checkpointing=async_save,
+                                             temporary_path_class=temporary_path_class),
         item_names=ITEMS)
+    if leftovers:  # deleted here, not by orbax's cleanup_tmp_directories: that runs in a
+      # background thread which close() does not wait for (it died at interpreter exit)
+      for name in leftovers:
+        (self.directory / name).rmtree()
+      latest = self.latest_step()
+      _logger.warning('checkpoint %s in %s was left unfinished by an interrupted save: deleted; '
+                      '%s', ', '.join(leftovers), self.directory,
+                      f'the latest complete step is {latest}' if latest is not None else
+                      'no complete step: the run starts afresh')
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
