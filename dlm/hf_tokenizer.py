@@ -50,6 +50,7 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 import tokenizers
 
+from dlm import storage
 from dlm.errors import ConfigError, DataError, MissingFileError
 from dlm.tokenizer import MASK_TEXT
 
@@ -150,7 +151,7 @@ class HFTokenizer:
                texts[CHAT_TEMPLATE_FILE])
 
   def save(self, workdir) -> None:
-    """Writes the files it was loaded from into `workdir`, each atomically (tmp, then rename).
+    """Writes the files it was loaded from into `workdir`, each atomically (`storage.write_atomic`).
 
     tokenizer.json is byte-identical to the loaded one; tokenizer_config.json too, or, if none was
     loaded, one naming the special tokens resolved at load; special_tokens_map.json and
@@ -167,10 +168,7 @@ class HFTokenizer:
     for name, text in files.items():
       if text is None:
         continue
-      path = folder / name
-      tmp = path.with_name(path.name + '.tmp')
-      tmp.write_text(text, encoding='utf-8')
-      tmp.replace(path)
+      storage.write_atomic(folder / name, text)
 
   def __getstate__(self):
     return dict(self._files)

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from etils import epath
 import sentencepiece as spm
 
+from dlm import storage
 from dlm.errors import DataError, MissingFileError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -61,9 +62,7 @@ class Tokenizer:
     """Writes the model atomically: a reader never sees a half-written file."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_bytes(self._proto)
-    tmp.replace(path)
+    storage.write_atomic(path, self._proto)
 
   @classmethod
   def load(cls, path) -> Tokenizer:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dlm import storage
 from dlm.tasks import countdown
 
 
@@ -74,7 +75,8 @@ def problem(example) -> countdown.Problem:
 def data_source(data_dir, split: str, **settings):
   """The prepared (built on first use) random-access source of one split; `settings` go to
   `Countdown` (train_size, test_size, seeds, num_numbers, low, high, exclude)."""
-  builder = Countdown(data_dir=data_dir, **settings)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  builder = storage.prepared_builder(
+      lambda d: Countdown(data_dir=d, **settings), data_dir,
+      download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder.as_data_source(split)
