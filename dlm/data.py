@@ -9,10 +9,14 @@ Corpora (`config.data.corpus`):
   'tfds'        an already prepared tfds dataset with a 'text' feature ('validation' split, else
                 'test', is held out).
 
-Training stream per process: its own documents (`[process_index::process_count]`), shuffled with the
-seed and reshuffled every epoch, tokenized, EOS appended, concatenated and split into rows of
-exactly seq_len, batched to global_batch // process_count rows. The iterator is a grain
-DatasetIterator whose state round-trips through JSON (`iterator_state` / `restore_iterator`).
+Training stream: the global batch is `streams` independent input streams side by side (stream s:
+documents `[s::streams]`, shuffled with the seed and reshuffled every epoch, tokenized, EOS
+appended, concatenated and split into rows of exactly seq_len; global_batch // streams rows of
+the batch each). A process reads only its own contiguous block of streams, so with a stream
+count fixed by the config (`input_streams`) every process count dividing it assembles the same
+global batches. The held-out batches are one ordered stream; each process keeps its rows. The
+iterator is a grain DatasetIterator whose state round-trips through JSON (`iterator_state` /
+`restore_iterator`).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -33,6 +38,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dlm import storage  # gs:// form of _workdir_lock
 from dlm.errors import ConfigError, DataError, MissingFileError
 from dlm.tokenizer import Tokenizer
 
@@ -217,12 +223,15 @@ def write_builtin_corpus(directory, num_documents: int, seed: int = _BUILTIN_SEE
 
 @contextlib.contextmanager
 def _workdir_lock(workdir: epath.Path):
-  """Serialises `prepare` across local processes sharing a workdir (no-op for remote paths)."""
-  if '://' in str(workdir):
-    yield
+  """Serialises `prepare` across the processes sharing a workdir: an fcntl lock on local disk;
+  on object storage (no locks there) process 0 prepares first and the others then find the
+  corpus, tfds data and tokenizer done (`dlm.storage.process_zero_first`)."""
+  if storage.is_remote(workdir):
+    with storage.process_zero_first('prepare'):
+      yield
     return
   workdir.mkdir(parents=True, exist_ok=True)
-  with open(workdir / '.data.lock', 'w') as f:
+  with open(workdir / '.data.lock', 'a') as f:  # 'a': the lock file's mtime stays
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
@@ -231,11 +240,12 @@ def _workdir_lock(workdir: epath.Path):
 
 
 def _text_files_sources(files, data_dir):
-  builder = TextFiles(files=files, data_dir=data_dir)
-  if not builder.is_prepared():
-    logging.info('building tfds text dataset %s from %d files', builder.data_dir, len(files))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  if not TextFiles(files=files, data_dir=data_dir).is_prepared():
+    logging.info('building tfds text dataset in %s from %d files', data_dir, len(files))
+  builder = storage.prepared_builder(
+      lambda d: TextFiles(files=files, data_dir=d), data_dir,
+      download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder.as_data_source('train'), builder.as_data_source('validation')
 
 
@@ -316,6 +326,23 @@ class TokensOnly(grain.transforms.Map):
     return packed['tokens']
 
 
+_MAX_STREAMS = 64  # input streams of a pretraining batch: gcd(global batch, this)
+
+
+def input_streams(global_batch: int) -> int:
+  """The pretraining batch's stream count: fixed by the batch size alone, so 1 process × 8
+  devices and 2 processes × 4 devices read the same global batches (any process count dividing
+  it works)."""
+  return math.gcd(global_batch, _MAX_STREAMS)
+
+
+class Concat(grain.transforms.Map):
+  """The rows of several streams (a tuple of [rows, L] arrays) as one batch, in stream order."""
+
+  def map(self, parts):
+    return np.concatenate(parts)
+
+
 def _process(process_index, process_count, global_batch) -> tuple[int, int, int]:
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
@@ -326,17 +353,19 @@ def _process(process_index, process_count, global_batch) -> tuple[int, int, int]
   return index, count, global_batch // count
 
 
-def _packed_batches(source, tokenizer, *, seq_len, rows, index, count, seed):
-  """This process's documents, (shuffled,) repeated forever, tokenized, packed and batched."""
+def _packed_batches(source, tokenizer, *, seq_len, rows, index, count, seed, threads=16):
+  """Stream `index` of `count`: its documents, (shuffled,) repeated forever, tokenized, packed
+  and batched."""
   docs = grain.MapDataset.source(source)[index::count]
   if len(docs) == 0:
-    raise DataError(f'process {index} of {count} has no documents ({len(source)} in the split)')
+    raise DataError(f'input stream {index} of {count} has no documents ({len(source)} in the '
+                    'split)')
   if seed is not None:
     if not 0 <= seed < 2**32:
       raise ValueError(f'seed must be in [0, 2**32), got {seed}')
     docs = docs.shuffle(seed)  # before repeat: each epoch gets its own permutation
   docs = docs.repeat().map(Tokenize(tokenizer))
-  read = grain.ReadOptions(num_threads=min(16, os.cpu_count() or 1),
+  read = grain.ReadOptions(num_threads=max(1, min(threads, os.cpu_count() or 1)),
                           prefetch_buffer_size=max(256, rows * seq_len // 64))  # ~2 batches of docs
   stream = docs.to_iter_dataset(read)
   rows_ds = grain.experimental.ConcatThenSplitIterDataset(stream, length_struct={'tokens': seq_len})
@@ -345,24 +374,37 @@ def _packed_batches(source, tokenizer, *, seq_len, rows, index, count, seed):
 
 def make_train_iterator(source, tokenizer: Tokenizer, *, seq_len: int, global_batch: int,
                         seed: int, process_index: int | None = None,
-                        process_count: int | None = None) -> grain.DatasetIterator:
-  """Endless checkpointable iterator of int32[global_batch // process_count, seq_len] batches."""
-  index, count, rows = _process(process_index, process_count, global_batch)
+                        process_count: int | None = None,
+                        streams: int | None = None) -> grain.DatasetIterator:
+  """Endless checkpointable iterator of int32[global_batch // process_count, seq_len] batches:
+  rows [index·b, (index+1)·b) of every global batch, b = global_batch // process_count.
+  `streams` (default: one per process) must be a multiple of the process count and divide the
+  global batch; the global batches depend on it, not on the process count."""
+  index, count, _ = _process(process_index, process_count, global_batch)
+  streams = count if streams is None else streams
+  if streams % count or global_batch % streams:
+    raise ConfigError(f'{count} processes need a stream count ({streams}) that they divide and '
+                      f'that divides the global batch {global_batch}')
+  mine = range(index * streams // count, (index + 1) * streams // count)
   # Tokenization runs ahead on grain's reader threads; packing and batching are cheap numpy work
   # done on `next`, which overlaps the device step anyway since jax dispatch is asynchronous.
-  return iter(_packed_batches(source, tokenizer, seq_len=seq_len, rows=rows, index=index,
-                              count=count, seed=seed))
+  parts = [_packed_batches(source, tokenizer, seq_len=seq_len, rows=global_batch // streams,
+                           index=s, count=streams, seed=seed, threads=16 // len(mine))
+           for s in mine]
+  return iter(parts[0] if len(parts) == 1 else
+              grain.experimental.ZipIterDataset(parts).map(Concat()))
 
 
 def eval_batches(source, tokenizer: Tokenizer, *, seq_len: int, global_batch: int,
                  num_batches: int, process_index: int | None = None,
                  process_count: int | None = None) -> list[np.ndarray]:
-  """The first `num_batches` packed held-out batches, in source order (wrapping if short)."""
-  index, count, rows = _process(process_index, process_count, global_batch)
-  it = iter(_packed_batches(source, tokenizer, seq_len=seq_len, rows=rows, index=index,
-                            count=count, seed=None))
+  """This process's rows of the first `num_batches` packed held-out batches, in source order
+  (wrapping if short): one ordered stream, the same global batches for any process count."""
+  index, _, rows = _process(process_index, process_count, global_batch)
+  it = iter(_packed_batches(source, tokenizer, seq_len=seq_len, rows=global_batch, index=0,
+                            count=1, seed=None))
   try:
-    return list(itertools.islice(it, num_batches))
+    return [b[index * rows:(index + 1) * rows] for b in itertools.islice(it, num_batches)]
   finally:
     it.close()
 

@@ -30,18 +30,23 @@ _Z95 = 1.959963984540054
 
 
 def rollout(graphdef, params, enc, problems, key, scfg: sampling.SamplerConfig,
-            rules=sharding.DEFAULT_RULES):
+            rules=sharding.DEFAULT_RULES, local: bool = False):
   """(tokens_BxT, attend_BxT): each problem's prompt followed by a sampled response.
 
   On the parameters' mesh the rows are data-parallel (prompts placed sharded by batch, when the
-  data-parallel axes divide them). A response position still holding the mask id (LLaDA's
-  `generate`, which semi_ar follows for LLaDA models, can pick the mask token itself) becomes
-  EOS: the response ends there for the reward and for the RL loss alike, whose support excludes
-  the mask token."""
-  ids, mask, mesh, rules = sampling.data_parallel(params, *enc.prompts(problems), rules)
-  tokens, _ = sampling.sample_params(graphdef, params, ids, mask, key, cfg=scfg, mesh=mesh,
-                                     rules=rules)
-  tokens = np.array(tokens)  # a writable host copy
+  data-parallel axes divide them). `local`: `problems` are this process's rows of a global
+  batch (`sharding.process_rows`), the other processes hold the rest; the sample is the one the
+  global batch would get in one process, and this process's rows come back. A response position
+  still holding the mask id (LLaDA's `generate`, which semi_ar follows for LLaDA models, can
+  pick the mask token itself) becomes EOS: the response ends there for the reward and for the
+  RL loss alike, whose support excludes the mask token."""
+  ids, mask = enc.prompts(problems)
+  placed_ids, placed_mask, mesh, rules = sampling.data_parallel(params, ids, mask, rules, local)
+  tokens, _ = sampling.sample_params(graphdef, params, placed_ids, placed_mask, key, cfg=scfg,
+                                     mesh=mesh, rules=rules)
+  tokens = np.array(tokens)  # a writable host copy (the output is replicated)
+  if local and mesh is not None:
+    tokens = tokens[sharding.process_rows(mesh, rules, len(tokens))]
   response = tokens[:, enc.P:]
   response[response == enc.tok.mask_id] = enc.tok.eos_id
   return tokens, np.concatenate([mask, np.ones((len(problems), enc.R), bool)], 1)

@@ -29,11 +29,20 @@ MODES = ('pretrain', 'sft', 'sample', 'rl', 'eval')
 
 def main(argv):
   del argv
+  from dlm import storage  # pylint: disable=g-import-not-at-top
+  storage.use_emulator_from_env()  # gs:// workdirs: STORAGE_EMULATOR_HOST reaches tensorstore too
+  if not flags.FLAGS['verbosity'].present:  # --v=1: debug records (e.g. each process's rows)
+    logging.set_verbosity(logging.WARNING)  # keep the progress lines readable
+  if (not _COORD.value and not os.environ.get('DLM_DISTRIBUTED') and
+      (_NPROC.value is not None or _PID.value is not None)):
+    print('error: --num_processes / --process_id need --coordinator_address=host:port (on TPU '
+          'pods set DLM_DISTRIBUTED=1 instead); launch/local.sh N -- <args> starts N local '
+          'processes', file=sys.stderr)
+    sys.exit(1)
   import jax  # pylint: disable=g-import-not-at-top
   if _COORD.value or os.environ.get('DLM_DISTRIBUTED'):
     jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
                                process_id=_PID.value)
-  logging.set_verbosity(logging.WARNING)  # keep the progress lines readable
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
   cfg = _CONFIG.value
@@ -47,6 +56,7 @@ def dispatch(cfg, workdir: str) -> int:
   fits); a user-facing problem (DlmError) is printed as one line and gives exit code 1, anything
   else is a bug and keeps its traceback. A run stopped by SIGTERM / SIGINT after checkpointing
   gives 0."""
+  import jax  # pylint: disable=g-import-not-at-top
   from dlm import dry_run, evaluate, generate, preemption, rl, train  # pylint: disable=g-import-not-at-top
   try:
     if cfg.get('dry_run'):
@@ -58,7 +68,8 @@ def dispatch(cfg, workdir: str) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   except preemption.Stopped as e:  # SIGTERM / SIGINT: the last step is checkpointed
-    print(e, flush=True)
+    if jax.process_index() == 0:  # one line for the run, not one per process
+      print(e, flush=True)
   return 0
 
 

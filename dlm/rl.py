@@ -120,6 +120,7 @@ class Learner:
     else:
       loss, n = rlo.diffu_grpo_loss(mask_id, r.clip_eps, r.kl_beta, r.prompt_mask_prob,
                                     self.off_policy), 1
+    self.block = process_block(cfg, trainer.mesh)
     example = self.batch_template(self.responses // max(r.num_minibatches, 1)
                                   if r.objective != 'diffu_grpo' else self.responses)
     self.shard = sharding.batch_shardings(example, trainer.mesh, cfg.sharding.rules)
@@ -142,19 +143,20 @@ class Learner:
     return t
 
   def batch(self, tokens_BxT, attend_BxT, adv_B, key) -> dict:
-    """The update's input: rollout tokens, response positions, advantages, per-response keys."""
+    """The update's input: rollout tokens, response positions, advantages, per-response keys,
+    for this process's rows (`self.block`) of the step's responses."""
     maskable = np.zeros(np.shape(tokens_BxT), bool)
     maskable[:, self.enc.P:] = True
-    keys = jax.random.key_data(jax.random.split(key, len(adv_B)))
+    keys = np.asarray(jax.random.key_data(jax.random.split(key, self.responses)))[self.block]
     return {'tokens_BxT': np.asarray(tokens_BxT), 'maskable_BxT': maskable,
             'attend_BxT': np.asarray(attend_BxT), 'adv_B': np.asarray(adv_B, np.float32),
             'row_key_Bx2': np.asarray(keys)}
 
   def place(self, batch) -> dict:
-    """Rows every process holds (the host batch) as global arrays sharded by batch over the
+    """This process's rows of a batch assembled into global arrays sharded by batch over the
     data-parallel axes: each device holds, and computes on, its own rows."""
-    return sharding.put_global(batch, sharding.batch_shardings(batch, self.trainer.mesh,
-                                                               self.cfg.sharding.rules))
+    return sharding.global_batch(batch, sharding.batch_shardings(batch, self.trainer.mesh,
+                                                                 self.cfg.sharding.rules))
 
   def _old_terms(self, params, batch):
     """ℓ_old per (response, sample) — or per-token log p for diffu_grpo — before any update."""
@@ -172,17 +174,19 @@ class Learner:
     return ell.T
 
   def update(self, state, batch, ref_params):
-    """All optimizer updates of one rollout batch; returns (state, metrics of the last)."""
-    r = self.cfg.rl
+    """All optimizer updates of one rollout batch (this process's rows of it); returns (state,
+    metrics of the last). Off-policy mini-batch i is rows i, i + n, i + 2n, … (n =
+    rl.num_minibatches) of the step's responses: the same rows for any process count."""
+    r, mine = self.cfg.rl, self.block
     rows = self.place(batch) if self.off_policy or r.kl_beta > 0 else None
-    if r.objective == 'diffu_grpo':
+    if r.objective == 'diffu_grpo':  # the old / reference terms come back replicated
       if self.off_policy:
-        batch['logp_old_KxBxT'] = np.asarray(self.old_terms(state.params, rows))
+        batch['logp_old_KxBxT'] = np.asarray(self.old_terms(state.params, rows))[:, mine]
       if r.kl_beta > 0:
-        batch['logp_ref_KxBxT'] = np.asarray(self.old_terms(ref_params, rows))
+        batch['logp_ref_KxBxT'] = np.asarray(self.old_terms(ref_params, rows))[:, mine]
       for k in range(r.inner_updates):
         b = {n: v for n, v in batch.items() if not n.endswith('KxBxT')}
-        b['iteration'] = np.full((self.responses,), k, np.int32)
+        b['iteration'] = np.full((len(b['adv_B']),), k, np.int32)
         if self.off_policy:
           b['logp_old_BxT'] = batch['logp_old_KxBxT'][k]
         if r.kl_beta > 0:
@@ -191,10 +195,28 @@ class Learner:
       return state, m
     if not self.off_policy:
       return self.step(state, self.place(batch))
-    batch['ell_old_BxN'] = np.asarray(self.old_terms(state.params, rows))
-    for mb in np.arange(self.responses).reshape(r.num_minibatches, -1):
-      state, m = self.step(state, self.place(jax.tree.map(lambda x: x[mb], batch)))
+    batch['ell_old_BxN'] = np.asarray(self.old_terms(state.params, rows))[mine]
+    n = r.num_minibatches
+    for i in range(n):
+      state, m = self.step(state, self.place(jax.tree.map(lambda x: x[i::n], batch)))
     return state, m
+
+
+def process_block(cfg, mesh) -> slice:
+  """This process's rows of every step's responses (`sharding.process_rows`): whole groups,
+  whose advantages it computes, and whole strided mini-batches (rows i, i + n, … of the
+  step), so each process rolls out, scores and ranks only its own prompts."""
+  r = cfg.rl
+  responses = r.num_prompts * r.group_size
+  block = sharding.process_rows(mesh, cfg.sharding.rules, responses)
+  mine = block.stop - block.start
+  if mine % r.group_size or block.start % r.group_size or mine % r.num_minibatches:
+    raise ConfigError(
+        f'each of {responses // mine} processes holds {mine} of the {responses} responses of a '
+        f'step: not whole groups of rl.group_size={r.group_size} and '
+        f'rl.num_minibatches={r.num_minibatches}; make rl.num_prompts a multiple of the '
+        'process count')
+  return block
 
 
 class Setup(NamedTuple):
@@ -218,6 +240,7 @@ def build(cfg, workdir: str, devices=None) -> Setup:
   rows = r.num_prompts * r.group_size // (1 if r.objective == 'diffu_grpo' else r.num_minibatches)
   sharding.check_batch(rows, mesh, cfg.sharding.rules, cfg.train.microbatches,
                        'the responses of one update')
+  process_block(cfg, mesh)  # before any warm start
   task, train, held_out = sft.task_problems(cfg, workdir)
   saved = workdir_lib.latest_config(workdir)
   init_params = None
@@ -230,7 +253,8 @@ def build(cfg, workdir: str, devices=None) -> Setup:
     init = workdir_lib.load(policy_source(cfg, workdir), use_ema=cfg.init.use_ema, mesh=mesh)
     tok, model_section = init.tokenizer, init.config['model']
     init_params = workdir_lib.base_params(init)  # this run's LoRA adapters (if any) start fresh
-    workdir_lib.save_tokenizer(tok, workdir)  # the workdir must load alone
+    if jax.process_index() == 0:
+      workdir_lib.save_tokenizer(tok, workdir)  # the workdir must load alone
   cfg = train_lib.with_model(cfg, model_section)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=r.keep_checkpoints)
   start = ckpt.resume_step(cfg.to_dict())
@@ -262,6 +286,7 @@ def run(cfg, workdir: str, devices=None) -> dict:
                                          policy_source(cfg, workdir), use_ema=cfg.init.use_ema,
                                          mesh=trainer.mesh)))
   writer = metrics_lib.MetricsWriter(workdir, start)
+  mine = learner.block  # this process's rows of every step's responses
   log(f'RL ({r.objective}, {task.name}): {r.num_prompts} prompts × {r.group_size} responses, '
       f'n_t {r.num_mc}, {max(r.num_steps - start, 0)} steps; {len(held_out)} held-out problems')
 
@@ -281,14 +306,18 @@ def run(cfg, workdir: str, devices=None) -> dict:
     for s in range(start + 1, r.num_steps + 1):
       key = jax.random.fold_in(base, s)
       k_roll, k_rows = jax.random.split(key)
-      problems = [train[i] for i in rows[next(it)] for _ in range(r.group_size)]
+      # Every process draws the same prompts; it rolls out, scores and ranks only its own
+      # whole groups (learner.block), and the update assembles the global batch.
+      problems = [train[i] for i in rows[next(it)] for _ in range(r.group_size)][mine]
       t0 = time.perf_counter()
       tokens, attend = evaluate.rollout(trainer.graphdef, state.params, enc, problems, k_roll,
-                                        learner.rollout_cfg, cfg.sharding.rules)
-      rewards, errors = evaluate.rewards(task, enc, tokens, problems)
+                                        learner.rollout_cfg, cfg.sharding.rules, local=True)
+      train_lib.log_rows('rl', s, mine, tokens)
+      local_rewards, errors = evaluate.rewards(task, enc, tokens, problems)
       t1 = time.perf_counter()
-      adv = rlo.group_advantages(rewards.reshape(r.num_prompts, r.group_size),
+      adv = rlo.group_advantages(local_rewards.reshape(-1, r.group_size),
                                  scale=r.objective != 'diffu_grpo').reshape(-1)
+      rewards, errors = sharding.gather_rows(local_rewards, mine, errors)
       batch = learner.batch(tokens, attend, adv, k_rows)
       state, m = learner.update(state, batch, ref_params)
       m = jax.device_get(m)
@@ -306,8 +335,9 @@ def run(cfg, workdir: str, devices=None) -> dict:
             f'acc {last["rl/accuracy"]:.3f} | rollout {t1 - t0:.2f}s | update {t2 - t1:.2f}s')
       if s % r.eval_every == 0 or s == r.num_steps:
         last['eval/accuracy'] = evaluate_at(s, state.params)
-      stop, due = stopper.poll()  # a signal (preemption) or the clock: save this step
+      stop, due = stopper.poll(s)  # a signal (preemption) or the clock: save this step
       if stop or due or s % r.checkpoint_every == 0 or s == r.num_steps:
+        writer.flush()  # gs://: rows up to a checkpoint are stored with it
         ckpt.save(s, trainer.to_items(state), data_lib.all_iterator_states(it), cfg.to_dict())
         stopper.saved()
       if stop:

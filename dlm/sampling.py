@@ -461,14 +461,22 @@ def sample_params(graphdef, params, prompt_BxP, prompt_mask_BxP, key, *, cfg: Sa
     return jax.tree.map(lambda a: sharding.constrain(a, ()), out)  # replicated
 
 
-def data_parallel(params, prompt_BxP, prompt_mask_BxP, rules=sharding.DEFAULT_RULES):
+def data_parallel(params, prompt_BxP, prompt_mask_BxP, rules=sharding.DEFAULT_RULES,
+                  local: bool = False):
   """(prompts, mask, mesh, rules) for `sample_params` on the parameters' own mesh: the prompts
   placed as global arrays sharded by batch when the data-parallel axes divide the rows (each
-  device then samples its own rows), mesh None on one device."""
+  device then samples its own rows), mesh None on one device. `local`: the prompts are only
+  this process's rows (`sharding.process_rows`) of the global batch, assembled across processes
+  (RL rollouts: each process samples and scores its own prompts)."""
   mesh, rules = sharding.mesh_of(params), sharding.hashable_rules(rules)
   if mesh is None or mesh.size == 1:
     return prompt_BxP, prompt_mask_BxP, None, rules
   prompts = (prompt_BxP, prompt_mask_BxP)
-  if len(prompt_BxP) % sharding.data_parallel_size(mesh, rules) == 0:
-    prompts = sharding.put_global(prompts, sharding.batch_shardings(prompts, mesh, rules))
+  shardings = sharding.batch_shardings(prompts, mesh, rules)
+  if local:
+    prompts = sharding.global_batch(prompts, shardings)
+  elif len(prompt_BxP) % sharding.data_parallel_size(mesh, rules) == 0:
+    prompts = sharding.put_global(prompts, shardings)
+  elif jax.process_count() > 1:  # replicated: a global array, as jit needs across processes
+    prompts = sharding.put_global(prompts, (sharding.replicated(mesh),) * 2)
   return (*prompts, mesh, rules)

@@ -7,6 +7,8 @@ The prompt is never masked (LLaDA SFT): batches carry `maskable` (response posit
 only the rest. The stream is a grain iterator of shuffled index batches, identical on every
 process; each process takes its contiguous share of the global batch.
 """
+import contextlib
+
 import grain
 import jax
 import numpy as np
@@ -60,23 +62,33 @@ def validate(cfg) -> None:
                       'with sft.disjoint=True (RL needs problems of its own)')
 
 
+def _one_at_a_time(directory):
+  """Serialises the processes of a multi-process run on one machine over `directory` (a single
+  process takes no lock and touches nothing)."""
+  if jax.process_count() == 1:
+    return contextlib.nullcontext()
+  return data_lib._workdir_lock(directory)  # pylint: disable=protected-access
+
+
 def task_problems(cfg, workdir, data_dir=''):
   """(task, train problems, held-out problems) of the config's task; generated data is cached
   in `data_dir` (default <workdir>/tfds)."""
   task = tasks.get(cfg.task.name)
-  train, held_out = task.problems(cfg.task, seed=cfg.seed,
-                                  data_dir=epath.Path(data_dir or epath.Path(workdir) / 'tfds'))
+  data_dir = epath.Path(data_dir or epath.Path(workdir) / 'tfds')
+  with _one_at_a_time(data_dir):  # processes of one run prepare the cache once, then read it
+    train, held_out = task.problems(cfg.task, seed=cfg.seed, data_dir=data_dir)
   return task, train, held_out
 
 
 def task_tokenizer(cfg, workdir, task, train):
   """The workdir's tokenizer, else one trained on the task's prompts and demonstrations."""
-  if workdir_lib.has_tokenizer(workdir):
-    return workdir_lib.load_tokenizer(workdir)
-  path = epath.Path(workdir) / workdir_lib.TOKENIZER
-  texts = [f'{tasks_base.render_prompt(task, p, cfg.task.prompt, cfg.task.chat_template)} '
-           f'{task.demonstration(p)}' for p in train[:_TOKENIZER_TEXTS]]
-  return Tokenizer.train(texts, cfg.sft.vocab_size, path)
+  with _one_at_a_time(epath.Path(workdir)):  # one process trains it, the others load it
+    if workdir_lib.has_tokenizer(workdir):
+      return workdir_lib.load_tokenizer(workdir)
+    path = epath.Path(workdir) / workdir_lib.TOKENIZER
+    texts = [f'{tasks_base.render_prompt(task, p, cfg.task.prompt, cfg.task.chat_template)} '
+             f'{task.demonstration(p)}' for p in train[:_TOKENIZER_TEXTS]]
+    return Tokenizer.train(texts, cfg.sft.vocab_size, path)
 
 
 def demonstrations(cfg, task, train, rows) -> list[str]:
@@ -92,18 +104,21 @@ def index_iterator(n: int, batch: int, seed: int) -> grain.DatasetIterator:
   return iter(ds.to_iter_dataset())
 
 
-def local_rows(global_rows: np.ndarray) -> np.ndarray:
-  """This process's contiguous share of a global batch (the batch sharding's layout)."""
-  b = len(global_rows) // jax.process_count()
-  return global_rows[jax.process_index() * b:(jax.process_index() + 1) * b]
+def local_rows(global_rows: np.ndarray, share: tuple[int, int] | None = None) -> np.ndarray:
+  """Block `index` of `count` equal blocks of a global batch (`share`; default: this process's
+  contiguous share, the batch sharding's layout)."""
+  index, count = share or (jax.process_index(), jax.process_count())
+  b = len(global_rows) // count
+  return global_rows[index * b:(index + 1) * b]
 
 
-def prepare(cfg, workdir, tokenizer=None) -> data_lib.Data:
+def prepare(cfg, workdir, tokenizer=None, share=None) -> data_lib.Data:
   """SFT batches of the config's task. `tokenizer`: the init checkpoint's, else the workdir's
-  (trained on the task texts on first use)."""
+  (trained on the task texts on first use). `share` = (index, count): the block of every global
+  batch this process reads (`sharding.share`; default: by process index)."""
   task, train, held_out = task_problems(cfg, workdir, cfg.data.tfds_data_dir)
   tok = tokenizer or task_tokenizer(cfg, workdir, task, train)
-  if tokenizer is not None:
+  if tokenizer is not None and jax.process_index() == 0:
     workdir_lib.save_tokenizer(tok, workdir)  # the workdir must load alone
   enc = task_tokens.Encoder(task, cfg.task, tok, cfg.sft.response_length, train + held_out)
   rows = problem_split(cfg.sft, cfg.seed, len(train))[0]
@@ -113,15 +128,15 @@ def prepare(cfg, workdir, tokenizer=None) -> data_lib.Data:
   B = cfg.data.batch_size
 
   def to_batch(index_batch):
-    idx = local_rows(np.asarray(index_batch))
+    idx = local_rows(np.asarray(index_batch), share)
     return enc.examples(prompt_ids[idx], prompt_attend[idx], response_ids[idx])
 
   n_eval = min(len(held_out), cfg.data.eval_batches * B)
   eval_problems = [held_out[i % len(held_out)] for i in range(-(-n_eval // B) * B)]
   eval_ids, eval_attend = enc.prompts(eval_problems)
   eval_resp = enc.responses([task.demonstration(p) for p in eval_problems])
-  eval_batches = [enc.examples(*(local_rows(a[i:i + B]) for a in (eval_ids, eval_attend,
-                                                                   eval_resp)))
+  eval_batches = [enc.examples(*(local_rows(a[i:i + B], share) for a in (eval_ids, eval_attend,
+                                                                          eval_resp)))
                   for i in range(0, len(eval_problems), B)]
   it = index_iterator(len(rows), B, cfg.seed + 7)
   return data_lib.Data(tok, it, to_batch, eval_batches, B * (enc.P + enc.R))

@@ -192,8 +192,8 @@ def hashable_rules(rules) -> tuple:
 
 
 def put_global(tree: Any, shardings: Any) -> Any:
-  """Host arrays that every process holds in full (e.g. RL rollouts, whose rewards every
-  process computes) as global jax.Arrays laid out by `shardings`; each device gets its slice."""
+  """Host arrays that every process holds in full (e.g. the held-out prompts every process
+  evaluates) as global jax.Arrays laid out by `shardings`; each device gets its slice."""
   def one(x, s):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
@@ -204,3 +204,47 @@ def global_batch(local: Any, shardings: Any) -> Any:
   """Assemble this process's rows (an array or a pytree of them, with matching shardings) into
   global jax.Arrays: no host holds the whole batch."""
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), local, shardings)
+
+
+def process_rows(mesh: Mesh, rules, rows: int) -> slice:
+  """The rows of a `rows`-row batch that this process's devices hold under the batch sharding:
+  what the process must read (its share of the global batch). One contiguous block per process
+  (mesh devices in process order, the 'tensor' axis within a process); any other layout is a
+  ConfigError naming it, never a batch assembled from the wrong rows."""
+  index_map = batch_sharding(mesh, rules, 1).addressable_devices_indices_map((rows,))
+  held = sorted({(s[0].indices(rows)[0], s[0].indices(rows)[1]) for s in index_map.values()})
+  lo, hi = held[0][0], held[-1][1]
+  n = hi - lo
+  if any(b[0] != a[1] for a, b in zip(held, held[1:])) or rows % n or lo % n:
+    raise ConfigError(f'process {jax.process_index()} holds rows {held} of a {rows}-row batch '
+                      'under this mesh; multi-process input needs one contiguous, equal block '
+                      'per process: order the mesh devices by process (sharding.tensor within '
+                      'a host)')
+  return slice(lo, hi)
+
+
+def share(mesh: Mesh, rules, rows: int) -> tuple[int, int]:
+  """(index, count): this process reads block `index` of `count` equal blocks of the batch
+  (count = 1 when every process holds every row, e.g. a mesh without data parallelism)."""
+  block = process_rows(mesh, rules, rows)
+  n = block.stop - block.start
+  return block.start // n, rows // n
+
+
+def gather_rows(local: np.ndarray, block: slice, count: int = 0) -> tuple[np.ndarray, int]:
+  """(the global batch's rows, the sum of `count` over the processes' distinct blocks) from each
+  process's rows `local` = rows `block` of it: small host values such as rewards, which every
+  process then logs alike."""
+  local = np.asarray(local)
+  if jax.process_count() == 1:
+    return local, count
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  header, rows = multihost_utils.process_allgather(
+      (np.array([block.start, block.stop, count]), local))  # [processes, …]
+  out, seen, total = [None] * int(header[:, 1].max()), set(), 0
+  for (lo, hi, c), part in zip(np.asarray(header), np.asarray(rows)):
+    if lo not in seen:  # blocks held by several processes (no data parallelism) count once
+      seen.add(lo)
+      total += int(c)
+      out[lo:hi] = list(part)
+  return np.asarray(out, local.dtype), total

@@ -6,10 +6,13 @@ Modes differ only in their data: `pretrain` packs a text corpus (`dlm.data`); `s
 task's (prompt, demonstration) pairs with the prompt never masked (`dlm.sft`), optionally
 starting from a checkpoint's parameters (`init.checkpoint`).
 """
+import hashlib
+import json
 import math
 import time
 
 import jax
+from absl import logging
 import ml_collections
 import numpy as np
 
@@ -113,13 +116,17 @@ def make_eval_step(trainer, dcfg, batch_shard):
                  out_shardings=sharding.replicated(trainer.mesh))
 
 
-def pretrain_data(cfg, workdir) -> data_lib.Data:
+def pretrain_data(cfg, workdir, share: tuple[int, int] = (0, 1)) -> data_lib.Data:
+  """`share` = (index, count): this process reads block `index` of `count` of every batch."""
   d = cfg.data
   tok, train_src, eval_src = data_lib.prepare(d, workdir)
+  index, count = share
   it = data_lib.make_train_iterator(train_src, tok, seq_len=d.seq_len, global_batch=d.batch_size,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, process_index=index, process_count=count,
+                                    streams=data_lib.input_streams(d.batch_size))
   evals = data_lib.eval_batches(eval_src, tok, seq_len=d.seq_len, global_batch=d.batch_size,
-                                num_batches=d.eval_batches)
+                                num_batches=d.eval_batches, process_index=index,
+                                process_count=count)
   return data_lib.Data(tok, it, lambda x: {'tokens': x}, [{'tokens': b} for b in evals],
                   d.batch_size * d.seq_len)
 
@@ -156,15 +163,30 @@ def setup(cfg, workdir: str, devices=None):
       raise MissingFileError(f'init.checkpoint={cfg.init.checkpoint} holds no checkpoint')
     cfg = with_model(cfg, init[1]['model'])  # the checkpoint decides the architecture
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  start = ckpt.resume_step(cfg.to_dict())
-  if cfg.mode == 'sft':
-    tok = workdir_lib.load_tokenizer(cfg.init.checkpoint) if init else None
-    data = sft.prepare(cfg, workdir, tok)
-  else:
-    data = pretrain_data(cfg, workdir)
-  mcfg = workdir_lib.model_config(cfg.model, data.tokenizer)
-  trainer = trainer_lib.Trainer(mcfg, cfg.train, mesh, rules, cfg.seed)
+  try:
+    start = ckpt.resume_step(cfg.to_dict())
+    share = sharding.share(mesh, rules, cfg.data.batch_size)  # this process's rows of a batch
+    if cfg.mode == 'sft':
+      tok = workdir_lib.load_tokenizer(cfg.init.checkpoint) if init else None
+      data = sft.prepare(cfg, workdir, tok, share)
+    else:
+      data = pretrain_data(cfg, workdir, share)
+    mcfg = workdir_lib.model_config(cfg.model, data.tokenizer)
+    trainer = trainer_lib.Trainer(mcfg, cfg.train, mesh, rules, cfg.seed)
+  except BaseException:  # e.g. a missing corpus: orbax's threads must not outlive the error
+    ckpt.close()
+    raise
   return cfg, start, data, trainer, ckpt, init
+
+
+def log_rows(what: str, step: int, block: slice, rows) -> None:
+  """Debug record (`--v=1`): the rows of the global batch this process read, one digest per
+  row; comparing the records of the processes shows who read what (launch/local.sh)."""
+  if logging.vlog_is_on(1):
+    digests = [hashlib.sha1(np.ascontiguousarray(r).tobytes()).hexdigest()[:12] for r in rows]
+    logging.vlog(1, 'dlm-rows %s', json.dumps({
+        'what': what, 'process': jax.process_index(), 'step': step,
+        'rows': [block.start, block.stop], 'digests': digests}))
 
 
 def run(cfg, workdir: str, devices=None) -> dict:
@@ -192,6 +214,7 @@ def run(cfg, workdir: str, devices=None) -> dict:
   last = {}
   pending = None  # (step, device metrics): read one step late so the host never stalls the device
   t0, t0_step = time.time(), start
+  block = sharding.process_rows(trainer.mesh, trainer.rules, cfg.data.batch_size)
 
   def drain():
     nonlocal pending, t0, t0_step, last
@@ -223,6 +246,7 @@ def run(cfg, workdir: str, devices=None) -> dict:
   with preemption.Stopper(t.checkpoint_minutes) as stopper:
     for s in range(start + 1, t.num_steps + 1):
       local = data.to_batch(next(data.iterator))
+      log_rows(cfg.mode, s, block, local['tokens'])
       if step_fn is None:  # shardings follow the batch's keys and ranks
         batch_shard = sharding.batch_shardings(local, trainer.mesh, trainer.rules)
         step_fn = trainer.compile_step(diffusion_objective(cfg.diffusion, trainer.mcfg.mask_id),
@@ -240,9 +264,10 @@ def run(cfg, workdir: str, devices=None) -> dict:
         ev = float(sum(x['loss_sum'] for x in sums) / sum(x['tokens'] for x in sums))
         writer.write(s, {'eval/loss': ev})
         log(f'{cfg.mode} step {s} | eval loss {ev:.4f}')
-      stop, due = stopper.poll()  # a signal (preemption) or the clock: save this step
+      stop, due = stopper.poll(s)  # a signal (preemption) or the clock: save this step
       if stop or due or s % t.checkpoint_every == 0 or s == t.num_steps:
         drain()  # never write a checkpoint whose step produced a non-finite loss
+        writer.flush()  # gs://: rows up to a checkpoint are stored with it
         ckpt.save(s, trainer.to_items(state), data_lib.all_iterator_states(data.iterator),
                   cfg.to_dict())
         stopper.saved()
