@@ -151,3 +151,43 @@ def test_chunked_head_equals_the_full_log_softmax(family):
   (chunked, g_chunked), _ = loss(7)
   np.testing.assert_allclose(chunked, full, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_chunked, g_full)
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_target_logp_equals_autodiff_of_the_log_softmax(dtype, tol):
+  """target_logp's hand-written backward g·(onehot − softmax) equals autodiff of gathering
+  real_log_softmax; the mask column gets no probability and no gradient."""
+  V, mask_id = 11, 4
+  logits = (3 * jax.random.normal(jax.random.key(0), (3, 5, V))).astype(dtype)
+  t = jax.random.randint(jax.random.key(1), (3, 5), 0, V - 1)
+  t = jnp.where(t >= mask_id, t + 1, t)  # never the mask row, as in every caller
+  w = jax.random.normal(jax.random.key(2), (3, 5))
+  mine = lambda z: model_lib.target_logp(z, t, mask_id)
+  ref = lambda z: jnp.take_along_axis(model_lib.real_log_softmax(z, mask_id), t[..., None],
+                                      -1)[..., 0]
+  np.testing.assert_allclose(mine(logits), ref(logits), rtol=tol, atol=tol)
+  g_mine = jax.grad(lambda z: (mine(z) * w).sum())(logits)
+  g_ref = jax.grad(lambda z: (ref(z) * w).sum())(logits)
+  assert g_mine.dtype == dtype
+  np.testing.assert_allclose(np.float32(g_mine), np.float32(g_ref), rtol=tol, atol=tol)
+  assert float(jnp.abs(g_mine[..., mask_id]).max()) == 0.0
+  assert float(jnp.abs(g_mine).max()) > 0.1
+
+
+def test_layer_norm_equals_autodiff():
+  """RADD's LayerNorm with its closed-form backward equals autodiff of the formula, on
+  [B, L, D] inputs (weight and bias gradients summed over both leading axes)."""
+  ks = jax.random.split(jax.random.key(0), 4)
+  x = 2 + 3 * jax.random.normal(ks[0], (2, 7, 16))
+  w, b = 1 + jax.random.normal(ks[1], (16,)), jax.random.normal(ks[2], (16,))
+  cot = jax.random.normal(ks[3], x.shape)
+
+  def ref(x, w, b):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * w + b
+
+  mine = lambda x, w, b: model_lib.layer_norm(x, w, b, 1e-5)
+  np.testing.assert_allclose(mine(x, w, b), ref(x, w, b), rtol=1e-5, atol=1e-5)
+  for a, r in zip(jax.grad(lambda *a: (mine(*a) * cot).sum(), (0, 1, 2))(x, w, b),
+                  jax.grad(lambda *a: (ref(*a) * cot).sum(), (0, 1, 2))(x, w, b)):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
