@@ -116,8 +116,7 @@ def _probs(q_BxTxNxH, k_BxSxNxH, bias_BxS):
 
 @jax.custom_vjp
 def _xla_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, bias_BxS):
-  p_BxNxTxS = _probs(q_BxTxNxH, k_BxSxNxH, bias_BxS)
-  return jnp.einsum('bnts,bsnh->btnh', p_BxNxTxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
+  return _xla_attention_fwd(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, bias_BxS)[0]
 
 
 def _xla_attention_fwd(q, k, v, bias):
