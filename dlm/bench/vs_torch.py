@@ -27,7 +27,13 @@ median seconds. Ratios are torch ÷ dlm (> 1: dlm faster), of medians; `cpu rati
 of CPU seconds (both sides' process time over all threads). On a machine that other jobs load,
 torch's OpenMP threads degrade far more than XLA's (we saw torch's step go from 0.29 s to 1.2–3 s
 while dlm's doubled): only numbers from a quiet machine compare the implementations.
-Prints a table and, last, one JSON line.
+The host matters: the train step is ~48 GFLOP of float32 matmuls and both sides' kernels scale
+differently with the vector unit (on a 2-core AMD Zen 4 VM, family 25, both sides' matmuls
+peak near 200 GFLOP/s; the 2-core host of our earlier runs reached about 470). So the
+train-step line also gives the step's FLOPs (XLA's cost analysis), each side's best float32
+[2048, 2048] product on this host (taking turns), the rate each step reaches, and the ratio dlm
+would have if every FLOP ran at that peak: the bound on the ratio this host allows.
+Prints a table and, last, one JSON line (with `cpu`, the host's CPU model).
 """
 import json
 import os
@@ -119,6 +125,37 @@ def _timed(fn, n):
   return secs, cpu, out
 
 
+def host_cpu() -> str:
+  """The CPU model (and x86 family/model numbers): ratios here depend on the host, since the
+  two sides' kernels gain differently from a wider vector unit."""
+  info = {}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        k, _, v = line.partition(':')
+        info.setdefault(k.strip(), v.strip())
+  except OSError:
+    return platform.processor() or platform.machine()
+  name = info.get('model name', platform.machine())
+  if 'cpu family' in info:
+    name += f' (family {info["cpu family"]}, model {info.get("model", "?")})'
+  return name
+
+
+def matmul_peak(torch, n=2048, reps=10, rounds=3) -> dict:
+  """Each side's best float32 [n, n] @ [n, n] rate in GFLOP/s, taking turns: the host's
+  matmul peak, against which each side's train step is measured."""
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  f = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(f(a, a))
+  t_best = j_best = float('inf')
+  for _ in range(rounds):
+    t_best = min(t_best, *torch('matmul', n=n, reps=reps)['seconds'])
+    j_best = min(j_best, *_timed(lambda: f(a, a), reps)[0])
+  gflop = 2 * n ** 3 / 1e9
+  return {'jax': gflop / j_best, 'torch': gflop / t_best}
+
+
 def radd_config(z) -> ConfigDict:
   c = pretrain.get_config('tiny')
   c.model.update(family='radd', num_embeddings=z['vocab'] + 1, mask_id=z['vocab'],
@@ -193,6 +230,9 @@ def train_part(torch, z) -> tuple[dict, dict]:
 
   _timed(one, 2)  # compile + warm-up
   torch('radd_steps', n=2)
+  cost = step.lower(holder[0], batch).compile().cost_analysis()
+  flops = float((cost[0] if isinstance(cost, list) else cost)['flops'])
+  peak = matmul_peak(torch)
   t_secs, d_secs, t_cpu, d_cpu = [], [], [], []
   for _ in range(_ROUNDS.value):
     r = torch('radd_steps', n=_STEPS.value)
@@ -211,7 +251,11 @@ def train_part(torch, z) -> tuple[dict, dict]:
                'train_dlm_best_s': d['best'], 'train_dlm_median_s': d['median'],
                'train_speedup': row['ratio'], 'train_torch_cpu_median_s': tc['median'],
                'train_dlm_cpu_median_s': dc['median'], 'train_cpu_speedup': row['cpu_ratio'],
-               'train_params': n_params}
+               'train_params': n_params, 'train_gflop': flops / 1e9,
+               'matmul_peak_jax_gflops': peak['jax'], 'matmul_peak_torch_gflops': peak['torch'],
+               'train_dlm_gflops': flops / 1e9 / d['median'],
+               'train_torch_gflops': flops / 1e9 / t['median'],
+               'train_speedup_at_peak': t['median'] * max(peak.values()) * 1e9 / flops}
 
 
 def llada_config(z, workdir) -> ConfigDict:
@@ -317,7 +361,8 @@ def main(argv):
   fmt = lambda s: '—' if s is None else f'{s["best"]:.3f} / {s["median"]:.3f}'
   print(f'\nPaired, {_ROUNDS.value} interleaved rounds; seconds best / median; ratio = torch '
         f'median ÷ dlm median (torch {torch.info["torch"]}, {torch.info["threads"]} threads; '
-        f'jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs)')
+        f'jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; '
+        f'{host_cpu()})')
   print('cpu ratio: the same of CPU seconds (process time, all threads), steadier on a busy '
         'machine')
   print(f'{"":>22} {"torch s":>15} {"dlm s":>15} {"ratio":>6} {"cpu ratio":>9} {"calls":>6} '
@@ -328,6 +373,14 @@ def main(argv):
     cratio = '' if r['cpu_ratio'] is None else f'{r["cpu_ratio"]:.2f}'
     print(f'{r["what"]:>22} {fmt(r["torch"]):>15} {fmt(r["dlm"]):>15} {ratio:>6} {cratio:>9}'
           f'{extra}')
+  if 'train_gflop' in out:
+    peak = max(out['matmul_peak_jax_gflops'], out['matmul_peak_torch_gflops'])
+    print(f'train step: {out["train_gflop"]:.1f} GFLOP (XLA cost analysis); float32 matmul peak '
+          f'of this host {out["matmul_peak_jax_gflops"]:.0f} (jax) / '
+          f'{out["matmul_peak_torch_gflops"]:.0f} (torch) GFLOP/s; the steps run at '
+          f'{out["train_dlm_gflops"]:.0f} (dlm, {out["train_dlm_gflops"] / peak:.0%}) and '
+          f'{out["train_torch_gflops"]:.0f} (torch, {out["train_torch_gflops"] / peak:.0%}); '
+          f'every FLOP at that peak would make dlm {out["train_speedup_at_peak"]:.2f}x torch')
   goals = {}
   if 'train_speedup' in out:
     goals['train_1.5x'] = out['train_speedup'] >= 1.5
@@ -340,7 +393,7 @@ def main(argv):
   print(json.dumps({**out, 'goals': goals, 'sizes': z, 'rounds': _ROUNDS.value,
                     'torch': torch.info['torch'], 'torch_threads': torch.info['threads'],
                     'jax': jax.__version__, 'device': jax.devices()[0].device_kind,
-                    'cpus': os.cpu_count(), 'machine': platform.machine(),
+                    'cpus': os.cpu_count(), 'machine': platform.machine(), 'cpu': host_cpu(),
                     'python': platform.python_version()}))
 
 

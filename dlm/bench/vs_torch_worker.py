@@ -10,6 +10,7 @@ sides take turns (A B A B) without ever running at the same time:
   {"cmd": "llada", "dir": D}           load LLaDA (HF remote code, modeling_llada.py) from D
   {"cmd": "generate", "n": n, "prompt": [[...]], "gen_length", "block_length", "steps",
    "mask_id"}                          n timed greedy runs of LLaDA's `generate`; returns tokens
+  {"cmd": "matmul", "n": n, "reps": r} r timed float32 [n, n] @ [n, n] products (the host's peak)
   {"cmd": "quit"}
 Answers: {"seconds": [...], ...} or {"error": "..."}.
 """
@@ -95,6 +96,17 @@ class Worker:
       secs.append(time.perf_counter() - t)
       cpu.append(time.process_time() - c)
     return {'seconds': secs, 'cpu_seconds': cpu, 'loss': float(loss.detach())}
+
+  def cmd_matmul(self, n, reps):
+    """Best seconds of a float32 [n, n] @ [n, n] product: this host's matmul peak for torch."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    secs = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      a @ b
+      secs.append(time.perf_counter() - t)
+    return {'seconds': secs}
 
   def cmd_llada(self, dir):
     from transformers import AutoModel  # pylint: disable=g-import-not-at-top
