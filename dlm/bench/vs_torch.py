@@ -30,7 +30,8 @@ while dlm's doubled): only numbers from a quiet machine compare the implementati
 The host matters: the train step is ~48 GFLOP of float32 matmuls and both sides' kernels scale
 differently with the vector unit (on a 2-core AMD Zen 4 VM, family 25, both sides' matmuls
 peak near 200 GFLOP/s; the 2-core host of our earlier runs reached about 470). So the
-train-step line also gives the step's FLOPs (XLA's cost analysis), each side's best float32
+train-step line also gives the step's model FLOPs (`dlm.metrics.model_flops_per_token`, as
+the MFU of the other benches), each side's best float32
 [2048, 2048] product on this host (taking turns), the rate each step reaches, and the ratio dlm
 would have if every FLOP ran at that peak: the bound on the ratio this host allows.
 Prints a table and, last, one JSON line (with `cpu`, the host's CPU model).
@@ -49,6 +50,7 @@ from ml_collections import ConfigDict
 
 from configs import pretrain
 from dlm import data as data_lib
+from dlm import metrics
 from dlm import model as model_lib
 from dlm import sampling as S
 from dlm import sharding
@@ -230,9 +232,9 @@ def train_part(torch, z) -> tuple[dict, dict]:
 
   _timed(one, 2)  # compile + warm-up
   torch('radd_steps', n=2)
-  cost = step.lower(holder[0], batch).compile().cost_analysis()
-  flops = float((cost[0] if isinstance(cost, list) else cost)['flops'])
+  flops = metrics.model_flops_per_token(mcfg, z['seq']) * z['batch'] * z['seq']
   peak = matmul_peak(torch)
+  best_peak = max(peak.values())
   t_secs, d_secs, t_cpu, d_cpu = [], [], [], []
   for _ in range(_ROUNDS.value):
     r = torch('radd_steps', n=_STEPS.value)
@@ -253,9 +255,10 @@ def train_part(torch, z) -> tuple[dict, dict]:
                'train_dlm_cpu_median_s': dc['median'], 'train_cpu_speedup': row['cpu_ratio'],
                'train_params': n_params, 'train_gflop': flops / 1e9,
                'matmul_peak_jax_gflops': peak['jax'], 'matmul_peak_torch_gflops': peak['torch'],
+               'matmul_peak_gflops': best_peak,
                'train_dlm_gflops': flops / 1e9 / d['median'],
                'train_torch_gflops': flops / 1e9 / t['median'],
-               'train_speedup_at_peak': t['median'] * max(peak.values()) * 1e9 / flops}
+               'train_speedup_at_peak': t['median'] * best_peak * 1e9 / flops}
 
 
 def llada_config(z, workdir) -> ConfigDict:
@@ -359,10 +362,11 @@ def main(argv):
   finally:
     torch.close()
   fmt = lambda s: '—' if s is None else f'{s["best"]:.3f} / {s["median"]:.3f}'
+  cpu = host_cpu()
   print(f'\nPaired, {_ROUNDS.value} interleaved rounds; seconds best / median; ratio = torch '
         f'median ÷ dlm median (torch {torch.info["torch"]}, {torch.info["threads"]} threads; '
         f'jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; '
-        f'{host_cpu()})')
+        f'{cpu})')
   print('cpu ratio: the same of CPU seconds (process time, all threads), steadier on a busy '
         'machine')
   print(f'{"":>22} {"torch s":>15} {"dlm s":>15} {"ratio":>6} {"cpu ratio":>9} {"calls":>6} '
@@ -374,8 +378,8 @@ def main(argv):
     print(f'{r["what"]:>22} {fmt(r["torch"]):>15} {fmt(r["dlm"]):>15} {ratio:>6} {cratio:>9}'
           f'{extra}')
   if 'train_gflop' in out:
-    peak = max(out['matmul_peak_jax_gflops'], out['matmul_peak_torch_gflops'])
-    print(f'train step: {out["train_gflop"]:.1f} GFLOP (XLA cost analysis); float32 matmul peak '
+    peak = out['matmul_peak_gflops']
+    print(f'train step: {out["train_gflop"]:.1f} GFLOP (model FLOPs); float32 matmul peak '
           f'of this host {out["matmul_peak_jax_gflops"]:.0f} (jax) / '
           f'{out["matmul_peak_torch_gflops"]:.0f} (torch) GFLOP/s; the steps run at '
           f'{out["train_dlm_gflops"]:.0f} (dlm, {out["train_dlm_gflops"] / peak:.0%}) and '
@@ -393,7 +397,7 @@ def main(argv):
   print(json.dumps({**out, 'goals': goals, 'sizes': z, 'rounds': _ROUNDS.value,
                     'torch': torch.info['torch'], 'torch_threads': torch.info['threads'],
                     'jax': jax.__version__, 'device': jax.devices()[0].device_kind,
-                    'cpus': os.cpu_count(), 'machine': platform.machine(), 'cpu': host_cpu(),
+                    'cpus': os.cpu_count(), 'machine': platform.machine(), 'cpu': cpu,
                     'python': platform.python_version()}))
 
 

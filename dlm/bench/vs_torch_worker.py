@@ -98,7 +98,8 @@ class Worker:
     return {'seconds': secs, 'cpu_seconds': cpu, 'loss': float(loss.detach())}
 
   def cmd_matmul(self, n, reps):
-    """Best seconds of a float32 [n, n] @ [n, n] product: this host's matmul peak for torch."""
+    """Seconds of each of `reps` float32 [n, n] @ [n, n] products (after one untimed): the
+    caller takes the best as this host's matmul peak for torch."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     secs = []
