@@ -1,0 +1,34 @@
+"""glibc malloc settings that let XLA:CPU reuse its per-execution buffers instead of mapping
+fresh pages on every call.
+
+XLA:CPU allocates each execution's temporaries (saved activations, gradients: ~100 MB for the
+CPU Countdown warm-start step) with malloc from its worker threads. glibc serves a worker
+thread from a secondary arena, whose heaps cannot exceed 64 MB, so such a buffer is mmapped and
+unmapped on every step, and the kernel faults in and zeroes every page again: a quarter of the
+step's CPU time on a 2-core host (BENCHMARKS.md). One arena, and mmap / trim thresholds of
+`LIMIT`, keep buffers below that size in the heap, reused from step to step. Buffers above it
+(a large checkpoint's host arrays) are still mapped and returned to the system when freed.
+
+Applied once, when `dlm` is imported (before JAX starts its threads), on glibc only; set
+`DLM_MALLOC_TUNING=0` to leave malloc as the system configured it.
+"""
+import ctypes
+import ctypes.util
+import os
+
+LIMIT = 1 << 30  # bytes: buffers up to this size stay in the heap; top free memory kept ≤ this
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters
+
+
+def tune() -> bool:
+  """Applies the settings; True when glibc accepted all of them."""
+  if os.environ.get('DLM_MALLOC_TUNING', '1') == '0':
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    gnu_get_libc_version = libc.gnu_get_libc_version  # absent outside glibc (macOS, musl)
+  except (OSError, AttributeError):
+    return False
+  del gnu_get_libc_version
+  return all(libc.mallopt(param, value) == 1 for param, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, LIMIT), (_M_TRIM_THRESHOLD, LIMIT)))
