@@ -26,9 +26,9 @@ def tune() -> bool:
     return False
   try:
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    gnu_get_libc_version = libc.gnu_get_libc_version  # absent outside glibc (macOS, musl)
-  except (OSError, AttributeError):
+  except OSError:
     return False
-  del gnu_get_libc_version
+  if not hasattr(libc, 'gnu_get_libc_version'):  # not glibc (macOS, musl): other parameters
+    return False
   return all(libc.mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, LIMIT), (_M_TRIM_THRESHOLD, LIMIT)))

@@ -13,7 +13,7 @@ import jax, jax.numpy as jnp
 f = jax.jit(lambda x: (jnp.sin(x)[::-1] @ jnp.ones((x.shape[1], 8))).sum())
 x = jnp.ones((8192, 4096), jnp.float32)
 faults = []
-for i in range(20):
+for _ in range(20):
   r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
