@@ -194,10 +194,15 @@ def chain_solutions(numbers: Sequence[int], target: int) -> Iterator[str]:
   k, seen = len(numbers), set()
   for ops in itertools.product(_CHAIN_OPS, repeat=k - 1):
     for perm in itertools.permutations(numbers):
-      value, text, prev = Fraction(perm[0]), str(perm[0]), None
+      value, text, prev = perm[0], str(perm[0]), None
       for op, n in zip(ops, perm[1:]):
-        value = {'+': value + n, '-': value - n, '*': value * n, '/': value / n}[op]
-        if value <= 0 or value.denominator != 1:
+        if op == '/':  # integers only: exact division or no chain
+          if value % n:
+            break
+          value //= n
+        else:
+          value = value + n if op == '+' else value - n if op == '-' else value * n
+        if value <= 0:
           break
         if op in '*/' and prev in ('+', '-'):
           text = f'({text})'
