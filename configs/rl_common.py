@@ -88,7 +88,7 @@ def tiny_model(c, **sizes) -> None:
 def cpu_pipeline(c, gen_length: int) -> None:
   """What every task's `cpu` preset shares: the tiny policy, a 2 500-step warm start on a seeded
   half of the training problems by a demonstrator that is lazy half the time (`sft.LAZY`), then
-  100 BGPO steps on the other half; greedy evaluation every 25 steps."""
+  100 BGPO steps on the other half (a task may run fewer); greedy evaluation every 25 steps."""
   tiny_model(c, d_model=128, n_layers=4, n_heads=4, mlp_dim=512)
   c.task.update(prompt='compact', train_size=7000, test_size=256, eval_file='')
   c.sampler.update(gen_length=gen_length, steps=gen_length, block_length=8, temperature=1.0)
