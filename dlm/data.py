@@ -105,6 +105,15 @@ def _fingerprint(files: Sequence[epath.Path]) -> str:
   return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:16]
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """The DatasetInfo of dlm's builders, whose data is made locally and never lies in tfds'
+  bucket: tfds would look there (GCS is off by default) before the data is prepared and leave
+  an empty `/tmp/tmp…tfds` directory behind on every such look."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Local text files as a tfds dataset: feature 'text', splits 'train' / 'validation'.
 
@@ -124,7 +133,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     # Built here, with builder=self: a builder defined in code has no metadata directory to read.
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self, description='Blank-line separated documents from local text files.',
         features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
         disable_shuffling=True)  # keep file order; training shuffles in grain anyway

@@ -2,6 +2,7 @@
 import json
 import pickle
 
+from etils import epath
 import numpy as np
 import pytest
 
@@ -196,3 +197,20 @@ def test_missing_files_are_named(tmp_path):
     data.prepare(_data_cfg(corpus='text_files', text_files=str(missing)), tmp_path / 'w')
   with pytest.raises(FileNotFoundError, match=r'nothing\*\.txt'):
     data.expand_paths(f'{tmp_path}/nothing*.txt')
+
+
+def test_building_dlm_datasets_leaves_no_temp_directory(tmp_path, monkeypatch):
+  """tfds looks a new dataset up in its bucket through a fresh temp directory it never removes;
+  dlm's builders skip that look-up (their data is made locally)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from dlm.tasks import countdown_tfds  # pylint: disable=g-import-not-at-top
+  temp = tmp_path / 'temp'
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(temp))
+  (tmp_path / 'a.txt').write_text('\n\n'.join(_unique_docs(20)) + '\n')
+  files = [epath.Path(tmp_path / 'a.txt')]
+  train, _ = data._text_files_sources(files, tmp_path / 'text')  # pylint: disable=protected-access
+  source = countdown_tfds.data_source(tmp_path / 'cd', 'train', train_size=20, test_size=4,
+                                      num_numbers=(3,))
+  assert len(train) > 0 and len(source) == 20
+  assert list(temp.iterdir()) == []

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dlm import data
 from dlm import storage
 from dlm.tasks import countdown
 
@@ -42,7 +43,7 @@ class Countdown(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     # Built here with builder=self: a builder defined in code has no metadata directory to read.
-    return tfds.core.DatasetInfo(
+    return data.LocalDatasetInfo(
         builder=self, description='Generated Countdown problems (dlm.tasks.countdown.generate).',
         features=tfds.features.FeaturesDict({
             'numbers': tfds.features.Tensor(shape=(None,), dtype=np.int32),
