@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def cpu(c):
-  """Tiny model on numbers in [1, 20], 4 to 6 minutes on 2 cores. The warm start learns from a
+  """Tiny model on numbers in [1, 20], about 6 minutes on 2 cores. The warm start learns from a
   demonstrator that is wrong half the time: for a seeded half of its problems the target is the
   lazy answer (all numbers added: well formed, right numbers, usually the wrong value), so the
   warm-started policy often writes it (held-out greedy accuracy ≈ 0.08). BGPO on problems the warm
