@@ -1,6 +1,7 @@
 """Tokenizer and grain/tfds data pipeline: ids, packing, per-process sharding, exact resume."""
 import json
 import pickle
+import tempfile
 
 from etils import epath
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from configs import pretrain
 from dlm import data
+from dlm.tasks import countdown_tfds
 from dlm.tokenizer import MASK_TEXT, Tokenizer
 
 SEQ, BATCH = 64, 8
@@ -202,8 +204,6 @@ def test_missing_files_are_named(tmp_path):
 def test_building_dlm_datasets_leaves_no_temp_directory(tmp_path, monkeypatch):
   """tfds looks a new dataset up in its bucket through a fresh temp directory it never removes;
   dlm's builders skip that look-up (their data is made locally)."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  from dlm.tasks import countdown_tfds  # pylint: disable=g-import-not-at-top
   temp = tmp_path / 'temp'
   temp.mkdir()
   monkeypatch.setattr(tempfile, 'tempdir', str(temp))
