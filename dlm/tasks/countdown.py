@@ -13,6 +13,7 @@ Choices (where SPEC leaves room):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import random
@@ -213,6 +214,7 @@ def chain_solutions(numbers: Sequence[int], target: int) -> Iterator[str]:
           yield text
 
 
+@functools.lru_cache(maxsize=None)  # start-up asks twice per problem: tokenizer texts, SFT targets
 def compact_solution(problem: Problem) -> str:
   """The SFT target completing `compact_prompt`: a real solution in answer tags — the first
   chain that works (see `chain_solutions`; one consistent shape), else the solver's expression."""
