@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from dlm import convert
+from dlm import metrics
 from dlm import model as model_lib
 from dlm.bench import vs_torch
 
@@ -97,3 +98,20 @@ def test_bench_needs_reference_paths():
                      text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
   assert r.returncode != 0
   assert 'dlm.bench.vs_torch needs --torch_python, --radd_ref, --llada_ref' in r.stderr
+
+
+@pytest.mark.parametrize('family', ['radd', 'llada'])
+def test_bench_floor_times_the_models_arithmetic(family):
+  """The products whose lone times make the bench's matmul floor are the model's arithmetic:
+  their FLOPs (× 3 with the backward) equal the model FLOPs of the MFU figures, up to the
+  biases and norm weights that count there as matmul parameters (< 1 % at the bench's size)."""
+  z = vs_torch.SIZES
+  mcfg = model_lib.ModelConfig(family=family, num_embeddings=z['vocab'] + 1, mask_id=z['vocab'],
+                               d_model=z['d'], n_heads=z['heads'], n_layers=z['layers'],
+                               mlp_dim=4 * z['d'])
+  products = vs_torch.pass_products(z, z['batch'], z['seq'], mcfg.num_embeddings,
+                                    gated=family == 'llada')
+  flops = 3 * sum(vs_torch.product_flops(spec, shapes) * n for spec, shapes, n, _ in products)
+  model = metrics.model_flops_per_token(mcfg, z['seq']) * z['batch'] * z['seq']
+  assert flops <= model and flops == pytest.approx(model, rel=0.01)
+  assert vs_torch.product_flops('bnts,bsnh->btnh', ((2, 3, 5, 7), (2, 7, 3, 11))) == 2 * 2310

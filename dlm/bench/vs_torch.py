@@ -34,11 +34,13 @@ The host matters: the train step is ~48 GFLOP of float32 matmuls and both sides'
 differently with the vector unit (on a 2-core AMD Zen 4 VM, family 25, both sides' matmuls
 peak near 200 GFLOP/s; the 2-core host of our earlier runs reached about 470). So the
 train-step line also gives the step's model FLOPs (`dlm.metrics.model_flops_per_token`, as
-the MFU of the other benches), each side's best float32
-[2048, 2048] product on this host (taking turns), the rate each step reaches, and the ratio dlm
-would have if every FLOP ran at that peak: the bound on the ratio this host allows. The
-generation line does the same for `generate` and `semi_ar`, which run the same full forward
-passes (--gen_steps of them, at batch × (prompt + gen) tokens).
+the MFU of the other benches), each side's best float32 [2048, 2048] product on this host
+(taking turns), the rate each step reaches, and the ratio dlm would have if every FLOP ran at
+that peak: the bound on the ratio this host allows; and the step's matrix products each timed
+alone on XLA:CPU (`matmul_floor`), the least time any XLA program of this step can take here,
+whatever it does around them. The generation line does the same for `generate` and `semi_ar`,
+which run the same full forward passes (--gen_steps of them, at batch × (prompt + gen)
+tokens), forward products only.
 Prints a table and, last, one JSON line (with `cpu`, the host's CPU model).
 """
 import json
@@ -49,6 +51,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict
@@ -165,6 +168,50 @@ def matmul_peak(torch, n=2048, reps=10, rounds=3) -> dict:
   return {'jax': gflop / j_best, 'torch': gflop / t_best}
 
 
+def pass_products(z, batch, seq, rows, gated=False) -> list[tuple]:
+  """The matrix products of one forward pass of z's model (d, heads, layers; `rows` output-head
+  columns; `gated`: SwiGLU's two input projections) as (einsum, operand shapes, times per pass,
+  attention?)."""
+  b, t, d, n, l = batch, seq, z['d'], z['heads'], z['layers']
+  m, h, f = b * t, d // n, 4 * d
+  return [('md,dnh->mnh', ((m, d), (d, n, h)), 3 * l, False),  # q, k, v
+          ('mnh,nhd->md', ((m, n, h), (n, h, d)), l, False),  # o
+          ('md,df->mf', ((m, d), (d, f)), (2 if gated else 1) * l, False),  # mlp in
+          ('mf,fd->md', ((m, f), (f, d)), l, False),  # mlp out
+          ('md,dv->mv', ((m, d), (d, rows)), 1, False),  # head
+          ('btnh,bsnh->bnts', ((b, t, n, h), (b, t, n, h)), l, True),  # q·kᵀ
+          ('bnts,bsnh->btnh', ((b, n, t, t), (b, t, n, h)), l, True)]  # p·v
+
+
+def product_flops(spec, shapes) -> int:
+  """2 × the product of every index's size: an einsum's multiply-adds, counted as two FLOPs."""
+  sizes = {}
+  for names, shape in zip(spec.split('->')[0].split(','), shapes):
+    sizes.update(zip(names, shape))
+  return 2 * int(np.prod(list(sizes.values())))
+
+
+def matmul_floor(products, backward=True, reps=20) -> dict:
+  """Least time XLA:CPU needs for `products` (`pass_products`): each one (its forward, and with
+  `backward` the two products of its gradient) jitted and timed alone, best of `reps`, summed.
+  A program that runs these products on XLA:CPU takes at least this, whatever it fuses or
+  skips around them. Seconds: {'dense', 'attention', 'total'}."""
+  out = {'dense': 0.0, 'attention': 0.0}
+  for spec, shapes, count, attn in products:
+    args = [jax.random.normal(jax.random.key(0), shape) for shape in shapes]
+    op = lambda x, y, spec=spec: jnp.einsum(spec, x, y)
+    runs = [lambda f=jax.jit(op): f(*args)]
+    if backward:  # the vjp of a product needs no forward: XLA keeps only the two gradients
+      dy = jax.random.normal(jax.random.key(1), jax.eval_shape(op, *args).shape)
+      grad = jax.jit(lambda x, y, dy, op=op: jax.vjp(op, x, y)[1](dy))
+      runs.append(lambda: grad(*args, dy))
+    for run in runs:
+      _timed(run, 1)
+      out['attention' if attn else 'dense'] += count * min(_timed(run, reps)[0])
+  out['total'] = out['dense'] + out['attention']
+  return out
+
+
 def radd_config(z) -> ConfigDict:
   c = pretrain.get_config('tiny')
   c.model.update(family='radd', num_embeddings=z['vocab'] + 1, mask_id=z['vocab'],
@@ -249,6 +296,7 @@ def train_part(torch, z, peak) -> tuple[dict, dict]:
     s, c, _ = _timed(one, _STEPS.value)
     d_secs += s
     d_cpu += c
+  floor = matmul_floor(pass_products(z, z['batch'], z['seq'], mcfg.num_embeddings))
   t, d = _stats(t_secs), _stats(d_secs)
   tc, dc = _stats(t_cpu), _stats(d_cpu)
   row = {'what': 'RADD train step', 'torch': t, 'dlm': d, 'ratio': t['median'] / d['median'],
@@ -262,7 +310,11 @@ def train_part(torch, z, peak) -> tuple[dict, dict]:
                'train_params': n_params, 'train_gflop': flops / 1e9,
                'train_dlm_gflops': flops / 1e9 / d['median'],
                'train_torch_gflops': flops / 1e9 / t['median'],
-               'train_speedup_at_peak': t['median'] * best_peak * 1e9 / flops}
+               'train_speedup_at_peak': t['median'] * best_peak * 1e9 / flops,
+               'train_matmuls_alone_s': floor['total'],
+               'train_matmuls_alone_dense_s': floor['dense'],
+               'train_matmuls_alone_attention_s': floor['attention'],
+               'train_speedup_at_matmuls_alone': t['median'] / floor['total']}
 
 
 def llada_config(z, workdir) -> ConfigDict:
@@ -336,6 +388,9 @@ def generate_part(torch, z, peak) -> tuple[list[dict], dict]:
   flops = (metrics.model_flops_per_token(loaded.mcfg, P + G) / 3 * B * (P + G) *
            z['gen_steps'])  # a forward is a third of `model_flops_per_token`
   best_peak = max(peak.values())
+  floor = matmul_floor(pass_products(z, B, P + G, loaded.mcfg.num_embeddings, gated=True),
+                       backward=False)
+  floor_s = floor['total'] * z['gen_steps']
   rows = [{'what': 'LLaDA generate', 'torch': t, 'dlm': None, 'ratio': None, 'cpu_ratio': None,
            'calls': float(z['gen_steps']), 'agreement': 1.0}]
   out = {'generate_torch_best_s': t['best'], 'generate_torch_median_s': t['median'],
@@ -355,7 +410,9 @@ def generate_part(torch, z, peak) -> tuple[list[dict], dict]:
   out.update({'agreement_batches': len(batches), 'generate_gflop': flops / 1e9,
               'generate_torch_gflops': flops / 1e9 / t['median'],
               'semi_ar_dlm_gflops': flops / 1e9 / out['semi_ar_median_s'],
-              'semi_ar_speedup_at_peak': t['median'] * best_peak * 1e9 / flops})
+              'semi_ar_speedup_at_peak': t['median'] * best_peak * 1e9 / flops,
+              'semi_ar_matmuls_alone_s': floor_s,
+              'semi_ar_speedup_at_matmuls_alone': t['median'] / floor_s})
   out['generate_model_train_steps'] = loaded.step
   out['generate_num_embeddings'] = loaded.mcfg.num_embeddings
   return rows, out
@@ -410,6 +467,10 @@ def main(argv):
           f'{out["train_dlm_gflops"]:.0f} (dlm, {out["train_dlm_gflops"] / peak:.0%}) and '
           f'{out["train_torch_gflops"]:.0f} (torch, {out["train_torch_gflops"] / peak:.0%}); '
           f'every FLOP at that peak would make dlm {out["train_speedup_at_peak"]:.2f}x torch')
+    print(f'the step\'s matrix products alone, each timed on its own on XLA:CPU: '
+          f'{out["train_matmuls_alone_s"]:.3f} s (dense {out["train_matmuls_alone_dense_s"]:.3f}, '
+          f'attention {out["train_matmuls_alone_attention_s"]:.3f}); a dlm step with nothing '
+          f'else in it would be {out["train_speedup_at_matmuls_alone"]:.2f}x torch')
   if 'generate_gflop' in out:
     print(f'generation: {out["generate_gflop"]:.1f} GFLOP (model FLOPs of {z["gen_steps"]} full '
           f'forward passes); generate runs at {out["generate_torch_gflops"]:.0f} '
@@ -417,6 +478,9 @@ def main(argv):
           f'{out["semi_ar_dlm_gflops"]:.0f} ({out["semi_ar_dlm_gflops"] / peak:.0%}); every FLOP '
           f'at that peak would make semi_ar {out["semi_ar_speedup_at_peak"]:.2f}x generate. '
           f'agreement over {out["agreement_batches"]} batches of {z["gen_batch"]} prompts.')
+    print(f'the {z["gen_steps"]} forward passes\' matrix products alone, each timed on its own '
+          f'on XLA:CPU: {out["semi_ar_matmuls_alone_s"]:.3f} s; a semi_ar with nothing else in '
+          f'it would be {out["semi_ar_speedup_at_matmuls_alone"]:.2f}x generate')
   goals = {}
   if 'train_speedup' in out:
     goals['train_1.5x'] = out['train_speedup'] >= 1.5
