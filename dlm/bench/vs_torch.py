@@ -179,8 +179,8 @@ def pass_products(z, batch, seq, rows, gated=False) -> list[tuple]:
           ('md,df->mf', ((m, d), (d, f)), (2 if gated else 1) * l, False),  # mlp in
           ('mf,fd->md', ((m, f), (f, d)), l, False),  # mlp out
           ('md,dv->mv', ((m, d), (d, rows)), 1, False),  # head
-          ('btnh,bsnh->bnts', ((b, t, n, h), (b, t, n, h)), l, True),  # q·kᵀ
-          ('bnts,bsnh->btnh', ((b, n, t, t), (b, t, n, h)), l, True)]  # p·v
+          ('bnth,bnsh->bnts', ((b, n, t, h), (b, n, t, h)), l, True),  # q·kᵀ, heads first
+          ('bnts,bnsh->bnth', ((b, n, t, t), (b, n, t, h)), l, True)]  # p·v (dlm.attention)
 
 
 def product_flops(spec, shapes) -> int:
