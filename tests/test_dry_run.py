@@ -65,6 +65,19 @@ def test_an_8b_model_is_compiled_without_allocating_its_weights(tmp_path):
   assert out['host_peak_bytes'] < 3e9
 
 
+def test_host_peak_is_the_dry_runs_own_not_its_launchers():
+  """A launcher holding 1 GB starts a process that reports `host_peak_bytes`: the report is that
+  process's own peak (Linux's ru_maxrss would carry the launcher's 1 GB across exec)."""
+  child = 'from dlm import dry_run; print(dry_run.host_peak_bytes())'
+  launcher = ('import subprocess, sys, numpy as np\n'
+              'held = np.ones(1 << 27)  # 1 GiB, every page touched\n'
+              f'print(subprocess.run([sys.executable, "-c", {child!r}], check=True, '
+              'capture_output=True, text=True).stdout.split()[-1])\n')
+  out = subprocess.run([sys.executable, '-c', launcher], cwd=ROOT, check=True,
+                       capture_output=True, text=True, timeout=300).stdout
+  assert 10e6 < int(out.split()[-1]) < 0.8e9
+
+
 @pytest.mark.parametrize('objective,overrides', [
     ('bgpo', {}),
     ('bgpo', {'rl.num_prompts': 8, 'rl.num_minibatches': 2, 'train.microbatches': 2}),
