@@ -49,6 +49,7 @@ import ml_collections
 import numpy as np
 
 from dlm import attention
+from dlm import host_memory
 from dlm import model as model_lib
 from dlm import sharding
 from dlm import trainer as trainer_lib
@@ -269,18 +270,11 @@ def parse_refusal(message: str) -> tuple[int, int] | None:
 
 
 def host_peak_bytes() -> int:
-  """This process's peak resident memory on the host (weights are never allocated).
-
-  Linux's VmHWM, the peak of this program's own memory: `ru_maxrss` also counts the memory of
-  the process that started this one (Linux keeps the larger of the two across exec), so a dry
-  run started by a large launcher or test worker would report that process's peak instead."""
-  try:
-    with open('/proc/self/status') as f:
-      for line in f:
-        if line.startswith('VmHWM:'):
-          return int(line.split()[1]) * 1024  # kB
-  except OSError:
-    pass
+  """This process's peak resident memory on the host (weights are never allocated): its own,
+  not that of a launcher or test worker that started it (`host_memory.resident_bytes`)."""
+  resident = host_memory.resident_bytes()
+  if resident is not None:
+    return resident[1]
   import resource  # pylint: disable=g-import-not-at-top
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return peak if sys.platform == 'darwin' else peak * 1024  # bytes on macOS, kB elsewhere

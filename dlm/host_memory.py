@@ -10,7 +10,8 @@ step's CPU time on a 2-core host (BENCHMARKS.md). One arena, and mmap / trim thr
 (a large checkpoint's host arrays) are still mapped and returned to the system when freed.
 
 Applied once, when `dlm` is imported (before JAX starts its threads), on glibc only; set
-`DLM_MALLOC_TUNING=0` to leave malloc as the system configured it.
+`DLM_MALLOC_TUNING=0` to leave malloc as the system configured it. `resident_bytes` reads this
+process's own resident memory, for the reports that measure it.
 """
 import ctypes
 import ctypes.util
@@ -32,3 +33,15 @@ def tune() -> bool:
     return False
   return all(libc.mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, LIMIT), (_M_TRIM_THRESHOLD, LIMIT)))
+
+
+def resident_bytes() -> tuple[int, int] | None:
+  """(resident now, peak resident) of this program (Linux's VmRSS, VmHWM); None without /proc.
+  Not `ru_maxrss`: Linux carries the launching process's peak across exec into it."""
+  try:
+    with open('/proc/self/status') as f:
+      status = dict(line.split(':', 1) for line in f if ':' in line)
+  except OSError:
+    return None
+  kb = lambda key: int(status[key].split()[0]) * 1024
+  return kb('VmRSS'), kb('VmHWM')

@@ -23,6 +23,7 @@ from absl import app, flags
 from etils import epath
 
 from dlm import bench
+from dlm import host_memory
 
 _D = flags.DEFINE_integer('d_model', 2048, 'model width')
 _L = flags.DEFINE_integer('n_layers', 16, 'layers')
@@ -35,13 +36,6 @@ _STAGE_CHILD = flags.DEFINE_string('stage_child', None, 'internal: SRC,OUT,DTYPE
                                    'child, which prints its stages as one JSON line')
 
 
-def _memory() -> tuple[int, int]:
-  """(resident bytes now, peak resident bytes since the last reset) of this process."""
-  status = dict(line.split(':', 1) for line in open('/proc/self/status'))
-  kb = lambda key: int(status[key].split()[0]) * 1024
-  return kb('VmRSS'), kb('VmHWM')
-
-
 def _reset_peak() -> None:
   with open('/proc/self/clear_refs', 'w') as f:
     f.write('5')  # VmHWM := VmRSS
@@ -52,7 +46,7 @@ def stage_child(src: str, out: str, dtype: str) -> dict:
   stages = {}
   import dlm.convert as convert  # pylint: disable=g-import-not-at-top
   from dlm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  stages['ready'] = _memory()
+  stages['ready'] = host_memory.resident_bytes()
 
   def staged(module, name, stage):
     fn = getattr(module, name)
@@ -62,7 +56,7 @@ def stage_child(src: str, out: str, dtype: str) -> dict:
       try:
         return fn(*args, **kwargs)
       finally:
-        stages[stage] = _memory()
+        stages[stage] = host_memory.resident_bytes()
     setattr(module, name, wrapper)
 
   staged(convert, 'read_params', 'read')
